@@ -23,8 +23,8 @@ Where this file departs from the paper or from the official code (verl fork, `co
 - log Z input: the mean of the last layer's hidden states over ALL prompt tokens. The official code drops
   the last prompt token from the mean (a slicing detail); the paper only says "the prompt".
 - log Z learning rate: the head has its own learning rate (`--log-z-lr`, 1e-3 by default). The official
-  code shares the policy's 1e-6, fine over thousands of updates; in a run of a few dozen updates a head
-  at 1e-6 barely moves, and an unlearned Z is the paper's "constant Z" ablation. `--log-z-lr` equal to
+  code shares the policy's 1e-6; with Adam that moves log Z by the order of 1e-3 per update, too little
+  over the few dozen updates of a run here, and an unlearned Z is the paper's "constant Z" ablation. `--log-z-lr` equal to
   `--lr` gives the official behaviour.
 - Scale: defaults for the learning rate, batch, response length and number of steps are sized for a
   135M model on a laptop CPU, not the paper's 7B/32B runs (512 prompts x 8, 8192 tokens, lr 1e-6).
@@ -79,12 +79,12 @@ class Config:
     kl_coef: float = field(default=0.04, metadata={"help": "GRPO only: KL(pi||pi_ref) coefficient"})
     # optimisation
     lr: float = field(default=2e-5, metadata={"help": (
-        "policy learning rate (paper: 1e-6 for 7B over ~1000 updates; larger here for a 135M model and "
+        "policy learning rate (paper: 1e-6 for 7B/32B models; larger here for a 135M model and "
         "a few dozen updates)")})
     log_z_lr: float = field(default=1e-3, metadata={"help": (
         "learning rate of the log Z head (official code: same as --lr; see the module docstring)")})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (paper: 0.1)"})
-    warmup_steps: int = field(default=0, metadata={"help": "linear lr warm-up steps (paper: 10, of ~1000)"})
+    warmup_steps: int = field(default=0, metadata={"help": "linear lr warm-up steps (paper: 10)"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (paper: 1.0)"})
     updates_per_batch: int = field(default=1, metadata={"help": (
         "optimiser updates (mini-batches) per rollout batch (paper: 16). With 1, pi_old is the current "
@@ -611,8 +611,9 @@ def default_output_dir(cfg: Config) -> str:
 
 
 def find_checkpoint(path: str) -> str:
-    """A checkpoint folder, given either it or a run folder that holds `checkpoint/`."""
-    for candidate in (path, os.path.join(path, "checkpoint")):
+    """A checkpoint folder, given either it or a run folder that holds `checkpoint/` (or, after a save
+    interrupted between its two renames, `checkpoint.old/`)."""
+    for candidate in (path, os.path.join(path, "checkpoint"), os.path.join(path, "checkpoint.old")):
         if os.path.isfile(os.path.join(candidate, "trainer_state.pt")):
             return candidate
     raise SystemExit(f"error: no checkpoint in {path!r} (expected trainer_state.pt there or in "
@@ -635,10 +636,10 @@ def save_checkpoint(output_dir: str, model, tokenizer, log_z_head, optimizer, sc
         "data_rng": data_rng.getstate(), "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }, os.path.join(temporary, "trainer_state.pt"))
-    shutil.rmtree(previous, ignore_errors=True)
     if os.path.isdir(final):
+        shutil.rmtree(previous, ignore_errors=True)
         os.rename(final, previous)
-    os.rename(temporary, final)
+    os.rename(temporary, final)  # a crash just before this leaves checkpoint.old, which find_checkpoint reads
     shutil.rmtree(previous, ignore_errors=True)
     return final
 
@@ -657,7 +658,6 @@ def train(cfg: Config) -> dict:
     if not cfg.resume and os.path.isdir(os.path.join(output_dir, "checkpoint")):
         raise ValueError(f"{output_dir} already holds a checkpoint: continue it with --resume {output_dir}, "
                          f"or pass another --output-dir")
-    os.makedirs(output_dir, exist_ok=True)
     train_problems, held_out = load_problems(cfg)
     torch.manual_seed(cfg.seed)
     data_rng = random.Random(cfg.seed)
@@ -694,6 +694,7 @@ def train(cfg: Config) -> dict:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         start_step = state["step"]
         print(f"resumed from {checkpoint} at step {start_step}")
+    os.makedirs(output_dir, exist_ok=True)  # only now, so that a model that fails to load leaves no empty folder
     with open(os.path.join(output_dir, "config.json"), "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=2)
     metrics_file = open(os.path.join(output_dir, "metrics.jsonl"), "a")
@@ -796,6 +797,7 @@ def train(cfg: Config) -> dict:
             "response_length_mean": generated_tokens / batch_size,
             "truncated_frac": rollouts.truncated.float().mean().item(),
             "lr": scheduler.get_last_lr()[0],
+            "step_seconds": time.perf_counter() - step_start,
             "generation_seconds": generation_seconds,
             "train_seconds": train_seconds,
             "generation_tokens_per_s": generated_tokens / generation_seconds,

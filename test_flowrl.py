@@ -522,6 +522,28 @@ def test_interrupted_save_keeps_the_last_checkpoint(tiny_model_dir, tmp_path, mo
     assert torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)["step"] == 2
 
 
+def test_save_interrupted_between_renames_resumes_from_the_previous_checkpoint(tiny_model_dir, tmp_path,
+                                                                               monkeypatch):
+    cfg = tiny_config(tiny_model_dir, tmp_path / "run", steps=1)
+    flowrl.train(cfg)
+    real_rename = os.rename
+
+    def crash_on_swap_in(source, target):
+        if source.endswith("checkpoint.tmp"):
+            raise KeyboardInterrupt("interrupted between the renames")
+        real_rename(source, target)
+    monkeypatch.setattr(flowrl.os, "rename", crash_on_swap_in)
+    with pytest.raises(KeyboardInterrupt):
+        flowrl.main(["--resume", cfg.output_dir, "--steps", "2"])
+    monkeypatch.undo()
+    assert not os.path.exists(os.path.join(cfg.output_dir, "checkpoint"))
+    assert flowrl.find_checkpoint(cfg.output_dir).endswith("checkpoint.old")
+    flowrl.main(["--resume", cfg.output_dir, "--steps", "2"])   # resumes from step 1, the last complete save
+    assert sorted(os.listdir(cfg.output_dir)) == ["checkpoint", "config.json", "metrics.jsonl"]
+    state = torch.load(os.path.join(cfg.output_dir, "checkpoint", "trainer_state.pt"), weights_only=False)
+    assert state["step"] == 2
+
+
 def test_bad_config_is_a_clear_error(tiny_model_dir, tmp_path):
     with pytest.raises(SystemExit, match="group-size must be >= 2"):
         flowrl.main(["--model", tiny_model_dir, "--group-size", "1", "--output-dir", str(tmp_path)])
