@@ -655,7 +655,8 @@ def train(cfg: Config) -> dict:
     validate(cfg)
     device = resolve_device(cfg.device)
     output_dir = cfg.output_dir or default_output_dir(cfg)
-    if not cfg.resume and os.path.isdir(os.path.join(output_dir, "checkpoint")):
+    existing = [name for name in ("checkpoint", "checkpoint.old") if os.path.isdir(os.path.join(output_dir, name))]
+    if existing and not cfg.resume:
         raise ValueError(f"{output_dir} already holds a checkpoint: continue it with --resume {output_dir}, "
                          f"or pass another --output-dir")
     train_problems, held_out = load_problems(cfg)

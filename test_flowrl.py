@@ -538,6 +538,8 @@ def test_save_interrupted_between_renames_resumes_from_the_previous_checkpoint(t
     monkeypatch.undo()
     assert not os.path.exists(os.path.join(cfg.output_dir, "checkpoint"))
     assert flowrl.find_checkpoint(cfg.output_dir).endswith("checkpoint.old")
+    with pytest.raises(SystemExit, match="already holds a checkpoint"):   # a fresh run may not overwrite it
+        flowrl.main(["--model", tiny_model_dir, "--output-dir", cfg.output_dir])
     flowrl.main(["--resume", cfg.output_dir, "--steps", "2"])   # resumes from step 1, the last complete save
     assert sorted(os.listdir(cfg.output_dir)) == ["checkpoint", "config.json", "metrics.jsonl"]
     state = torch.load(os.path.join(cfg.output_dir, "checkpoint", "trainer_state.pt"), weights_only=False)
