@@ -24,8 +24,8 @@ Where this file departs from the paper or from the official code (verl fork, `co
   the last prompt token from the mean (a slicing detail); the paper only says "the prompt".
 - log Z learning rate: the head has its own learning rate (`--log-z-lr`, 1e-3 by default). The official
   code shares the policy's 1e-6; with Adam that moves log Z by the order of 1e-3 per update, too little
-  over the few dozen updates of a run here, and an unlearned Z is the paper's "constant Z" ablation. `--log-z-lr` equal to
-  `--lr` gives the official behaviour.
+  over the few dozen updates of a run here, and an unlearned Z is the paper's "constant Z" ablation.
+  `--log-z-lr` equal to `--lr` gives the official behaviour.
 - Scale: defaults for the learning rate, batch, response length and number of steps are sized for a
   135M model on a laptop CPU, not the paper's 7B/32B runs (512 prompts x 8, 8192 tokens, lr 1e-6).
 - As in the official code (not stated in the paper): beta = 15, r_hat uses the unbiased std plus 1e-6,
@@ -610,12 +610,14 @@ def default_output_dir(cfg: Config) -> str:
     return os.path.join("runs", f"{cfg.algo}-seed{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
-def find_checkpoint(path: str) -> str:
+def find_checkpoint(path: str, required: bool = True) -> Optional[str]:
     """A checkpoint folder, given either it or a run folder that holds `checkpoint/` (or, after a save
-    interrupted between its two renames, `checkpoint.old/`)."""
+    interrupted between its two renames, `checkpoint.old/`). None if there is none and it is not required."""
     for candidate in (path, os.path.join(path, "checkpoint"), os.path.join(path, "checkpoint.old")):
         if os.path.isfile(os.path.join(candidate, "trainer_state.pt")):
             return candidate
+    if not required:
+        return None
     raise SystemExit(f"error: no checkpoint in {path!r} (expected trainer_state.pt there or in "
                      f"{os.path.join(path, 'checkpoint')})")
 
@@ -655,8 +657,7 @@ def train(cfg: Config) -> dict:
     validate(cfg)
     device = resolve_device(cfg.device)
     output_dir = cfg.output_dir or default_output_dir(cfg)
-    existing = [name for name in ("checkpoint", "checkpoint.old") if os.path.isdir(os.path.join(output_dir, name))]
-    if existing and not cfg.resume:
+    if not cfg.resume and find_checkpoint(output_dir, required=False):
         raise ValueError(f"{output_dir} already holds a checkpoint: continue it with --resume {output_dir}, "
                          f"or pass another --output-dir")
     train_problems, held_out = load_problems(cfg)
