@@ -2,42 +2,56 @@
 
 Paper: "FlowRL: Matching Reward Distributions for LLM Reasoning", Zhu et al., arXiv 2509.15207.
 
-GRPO and PPO maximise reward, so the policy collapses onto the single most-rewarded way of answering.
+GRPO and PPO maximise reward, so the policy tends to collapse onto the single most-rewarded way of answering.
 FlowRL instead turns the reward into a target distribution, p*(y|x) = pi_ref(y|x) exp(beta r(x,y)) / Z(x),
 learns log Z_phi(x) with a small MLP on the prompt's hidden states, and trains the policy with a
-trajectory-balance loss whose minimiser is exactly that distribution (Eq. 2-6). Every correct way of
-answering keeps probability in proportion to its reward.
+trajectory-balance loss (Eq. 2-6). What that loss matches, exactly:
+- Eq. 3-4 (raw reward, no length normalisation): a zero residual for every y means pi_theta = p*, and
+  Z_phi(x) = Z(x). The toy test `test_flowrl_matches_the_reward_distribution_on_a_toy` checks this case
+  (one-token responses, raw rewards).
+- Eq. 6, the loss trained here: a zero residual gives log pi_theta(y) = log pi_ref(y) + |y| (beta r_hat(y) -
+  log Z_phi(x)), a target tilted by length, with r_hat normalised within the sampled group. It is not p*.
+  What it keeps is the part that matters for diversity: two responses of the same length and reward get the
+  same ratio pi_theta/pi_ref, so the reference's preferences between correct answers are kept rather than
+  collapsed onto one (`--task pick` measures this on a language model; see the README).
 
     python flowrl.py                              # SmolLM2-135M-Instruct on 1-digit arithmetic, CPU, minutes
+    python flowrl.py --task pick                  # a task with many correct answers: does the spread survive?
     python flowrl.py --model Qwen2.5-0.5B         # a hub model on a GPU
     python flowrl.py --algo grpo                  # the GRPO baseline (Eq. 1), everything else equal
+    torchrun --nproc_per_node=8 flowrl.py ...     # data parallel over 8 GPUs (or CPU processes)
     python flowrl.py --help                       # every setting
 
 Sections follow the paper: config, data, reward, sampling, log-probs and log Z, the losses (Eq. 6 and
-Eq. 1), training loop, evaluation, CLI. `flowrl_loss`, `grpo_loss`, `group_normalize` and `LogZHead` are
-pure and self-contained: copy them into another trainer as they are.
+Eq. 1), training loop (`training_step` is one step in the paper's order), evaluation, CLI. `flowrl_loss`,
+`grpo_loss`, `group_normalize` and `LogZHead` are pure and self-contained: copy them into another trainer.
 
 Where this file departs from the paper or from the official code (verl fork, `compute_flowrl_objective`):
 - Importance weight: clipped to [1-eps, 1+eps] and detached, as the paper's Eq. 6 says. The code behind the
   paper's numbers computed the clipped weight but used the unclipped one; later versions clamp to <= 10.
 - log Z input: the mean of the last layer's hidden states over ALL prompt tokens. The official code drops
   the last prompt token from the mean (a slicing detail); the paper only says "the prompt".
-- log Z learning rate: the head has its own learning rate (`--log-z-lr`, 1e-3 by default). The official
-  code shares the policy's 1e-6; with Adam that moves log Z by the order of 1e-3 per update, too little
-  over the few dozen updates of a run here, and an unlearned Z is the paper's "constant Z" ablation.
-  `--log-z-lr` equal to `--lr` gives the official behaviour.
+- log Z learning rate: the head has its own learning rate (`--log-z-lr`, 1e-3 by default); the official code
+  shares the policy's. Measured on the default run (README): at 1e-6 log Z barely moves in 18 updates, which
+  is the paper's "constant Z" ablation. `--log-z-lr` equal to `--lr` gives the official behaviour.
+- Warm-up: none by default (`--warmup-steps`, paper: 10), as a default run here has 18 updates in all.
 - Scale: defaults for the learning rate, batch, response length and number of steps are sized for a
   135M model on a laptop CPU, not the paper's 7B/32B runs (512 prompts x 8, 8192 tokens, lr 1e-6).
-- As in the official code (not stated in the paper): beta = 15, r_hat uses the unbiased std plus 1e-6,
-  token log-probs are computed from logits divided by the sampling temperature, the log Z input is not
-  detached (the loss also reaches the LM through Z's input), and pi_ref enters only through Eq. 6
-  (no separate KL loss).
+- Precision: bf16 autocast (fp32 weights and optimiser state) on GPUs and on CPUs with native bf16
+  instructions; fp32 elsewhere and with `--precision fp32`.
+- As in the official code: r_hat uses the unbiased std plus 1e-6, token log-probs are computed from logits
+  divided by the sampling temperature, the log Z input is not detached (the loss also reaches the LM through
+  Z's input), and pi_ref enters only through Eq. 6 (no separate KL loss). beta = 15 is the paper's value
+  (it also ablates 5, 10, 30), hard-coded in the official code, a flag here.
 """
 
 import argparse
+import collections
 import copy
 import dataclasses
+import datetime
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -45,13 +59,13 @@ import random
 import re
 import resource
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
@@ -89,12 +103,20 @@ class Config:
     updates_per_batch: int = field(default=1, metadata={"help": (
         "optimiser updates (mini-batches) per rollout batch (paper: 16). With 1, pi_old is the current "
         "policy, w = 1 and no extra forward pass is made")})
-    micro_batch_size: int = field(default=16, metadata={"help": "sequences per forward pass; sets peak memory"})
+    micro_batch_size: int = field(default=16, metadata={"help": (
+        "sequences per forward pass, whole groups when it holds one (they share their prompt's pass); "
+        "sets peak memory")})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory (GPU)"})
+    precision: str = field(default="auto", metadata={"help": (
+        "auto, bf16 or fp32. bf16 = autocast matmuls to bfloat16, weights and optimiser state stay fp32. "
+        "auto: bf16 on a GPU that supports it and on a CPU with native bf16 instructions, else fp32")})
     # data
-    operations: str = field(default="+-", metadata={"help": "built-in task: operations to draw from (+-*)"})
-    min_operand: int = field(default=0, metadata={"help": "built-in task: smallest operand"})
-    max_operand: int = field(default=9, metadata={"help": "built-in task: largest operand"})
+    task: str = field(default="arithmetic", metadata={"help": (
+        "built-in task: arithmetic ('What is 3 + 4?', one correct answer) or pick ('Pick a number from 1 to "
+        "10 that is not 2, 4 or 6.', several correct answers); ignored with --data")})
+    operations: str = field(default="+-", metadata={"help": "arithmetic task: operations to draw from (+-*)"})
+    min_operand: int = field(default=0, metadata={"help": "arithmetic task: smallest operand"})
+    max_operand: int = field(default=9, metadata={"help": "arithmetic task: largest operand"})
     data: Optional[str] = field(default=None, metadata={"help": (
         "JSONL training data instead of the built-in task: one {question, answer} object a line "
         "(GSM8K's '#### 42' answers work as they are)")})
@@ -111,13 +133,19 @@ class Config:
     pass_k: int = field(default=4, metadata={"help": "k of pass@k (<= --eval-samples)"})
     eval_temperature: float = field(default=0.6, metadata={"help": "sampling temperature at eval (paper: 0.6)"})
     eval_top_p: float = field(default=0.95, metadata={"help": "top-p at eval (paper: 0.95)"})
+    dist_prompts: Optional[int] = field(default=None, metadata={"help": (
+        "answer-distribution metrics on this many held-out prompts and as many fixed training prompts. "
+        "Default: 8 for --task pick, 0 (off) for tasks with one correct answer, where entropy and KL are 0")})
+    dist_samples: int = field(default=32, metadata={"help": (
+        "samples per prompt for the answer-distribution metrics, at --temperature and top-p 1 (the "
+        "distribution training matches)")})
     show_examples: int = field(default=3, metadata={"help": "held-out completions printed before and after"})
     # output
     output_dir: Optional[str] = field(default=None, metadata={"help": "run folder (default runs/ALGO-seedN-TIME)"})
     save_every: int = field(default=10, metadata={"help": "checkpoint every N steps (and at the end); 0: end only"})
     resume: Optional[str] = field(default=None, metadata={"help": "checkpoint or run folder to continue from"})
     log_rollouts: bool = field(default=False, metadata={"help": "write rollouts.jsonl: one line per completion"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda (under torchrun: each rank's GPU)"})
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
@@ -131,26 +159,43 @@ def build_arg_parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                 help=help_text)
         else:
-            kind = {int: int, float: float}.get(f.type, str)
+            kind = {int: int, float: float, Optional[int]: int}.get(f.type, str)
             parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text)
     return parser
 
 
-def validate(cfg: Config) -> None:
+def dist_prompt_count(cfg: Config) -> int:
+    """--dist-prompts, or its default for the task."""
+    if cfg.dist_prompts is not None:
+        return cfg.dist_prompts
+    return 8 if cfg.task == "pick" and cfg.data is None else 0
+
+
+def validate(cfg: Config, world_size: int = 1) -> None:
     problems = []
     if cfg.algo not in ("flowrl", "grpo"):
         problems.append(f"--algo must be flowrl or grpo, not {cfg.algo!r}")
+    if cfg.task not in TASKS:
+        problems.append(f"--task must be one of {', '.join(TASKS)}, not {cfg.task!r}")
+    if cfg.precision not in ("auto", "bf16", "fp32"):
+        problems.append(f"--precision must be auto, bf16 or fp32, not {cfg.precision!r}")
     if cfg.group_size < 2:
         problems.append("--group-size must be >= 2: rewards are normalised within each group (Eq. 5)")
     if not 1 <= cfg.pass_k <= cfg.eval_samples:
         problems.append("--pass-k must be between 1 and --eval-samples")
-    if cfg.updates_per_batch < 1 or cfg.updates_per_batch > cfg.prompts_per_step * cfg.group_size:
-        problems.append("--updates-per-batch must be between 1 and prompts-per-step x group-size")
+    if cfg.updates_per_batch < 1 or cfg.updates_per_batch > cfg.prompts_per_step // world_size:
+        problems.append("--updates-per-batch must be between 1 and --prompts-per-step (per process): "
+                        "a mini-batch is whole groups")
     if min(cfg.steps, cfg.prompts_per_step, cfg.max_new_tokens, cfg.micro_batch_size, cfg.eval_size) < 1:
         problems.append("--steps, --prompts-per-step, --max-new-tokens, --micro-batch-size and --eval-size "
                         "must be >= 1")
+    if dist_prompt_count(cfg) < 0 or (dist_prompt_count(cfg) and cfg.dist_samples < 2):
+        problems.append("--dist-prompts must be >= 0 and --dist-samples >= 2")
     if cfg.temperature <= 0:
         problems.append("--temperature must be > 0 (log-probs are computed from logits / temperature)")
+    if cfg.prompts_per_step % world_size:
+        problems.append(f"--prompts-per-step ({cfg.prompts_per_step}) must be a multiple of the number of "
+                        f"processes ({world_size}): each takes an equal share")
     if problems:
         raise ValueError("; ".join(problems))
 
@@ -161,14 +206,22 @@ def validate(cfg: Config) -> None:
 @dataclass(frozen=True)
 class Problem:
     question: str
-    answer: str
+    answer: str   # the reference answer (arithmetic, JSONL), or every valid answer (pick: "1, 3, 5, 7")
+
+
+def split_problems(problems: list[Problem], eval_size: int, split_seed: int) -> tuple[list[Problem], list[Problem]]:
+    """(train, held_out): a shuffle that depends only on split_seed, never on the run's seed."""
+    if len(problems) <= eval_size:
+        raise ValueError(f"only {len(problems)} distinct problems, not more than --eval-size ({eval_size})")
+    problems = list(problems)
+    random.Random(split_seed).shuffle(problems)
+    return problems[eval_size:], problems[:eval_size]
 
 
 def arithmetic_problems(operations: str, min_operand: int, max_operand: int, eval_size: int,
                         split_seed: int) -> tuple[list[Problem], list[Problem]]:
     """Every "What is a op b?" with a, b in [min_operand, max_operand], split into (train, held_out).
 
-    The split depends only on the task and split_seed, never on the run's seed, and no problem is in both:
     >>> train, held_out = arithmetic_problems("+", 0, 9, 50, 0)
     >>> len(train), len(held_out), held_out[0].question.startswith("What is")
     (50, 50, True)
@@ -181,11 +234,26 @@ def arithmetic_problems(operations: str, min_operand: int, max_operand: int, eva
     results = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
     problems = [Problem(f"What is {a} {op} {b}?", str(results[op](a, b)))
                 for op in operations for a in operands for b in operands]
-    if len(problems) <= eval_size:
-        raise ValueError(f"the task has only {len(problems)} distinct problems; widen the operand range "
-                         f"or lower --eval-size ({eval_size})")
-    random.Random(split_seed).shuffle(problems)
-    return problems[eval_size:], problems[:eval_size]
+    return split_problems(problems, eval_size, split_seed)
+
+
+def pick_problems(eval_size: int, split_seed: int, high: int = 10) -> tuple[list[Problem], list[Problem]]:
+    """Every "Pick a number from 1 to 10 that is not a, b or c." with 3 or 4 numbers excluded: 6 or 7 correct
+    answers each, checked by `pick_reward`. The excluded numbers change from prompt to prompt, so no single
+    answer is right everywhere, and copying a number from the prompt is always wrong.
+
+    >>> train, held_out = pick_problems(50, 0)
+    >>> len(train) + len(held_out), held_out[0].question.startswith("Pick a number from 1 to 10")
+    (330, True)
+    """
+    problems = []
+    for excluded_count in (3, 4):
+        for excluded in itertools.combinations(range(1, high + 1), excluded_count):
+            listed = ", ".join(map(str, excluded[:-1])) + f" or {excluded[-1]}"
+            valid = [n for n in range(1, high + 1) if n not in excluded]
+            problems.append(Problem(f"Pick a number from 1 to {high} that is not {listed}. "
+                                    f"Answer with just the number.", ", ".join(map(str, valid))))
+    return split_problems(problems, eval_size, split_seed)
 
 
 def load_jsonl(path: str, question_field: str, answer_field: str) -> list[Problem]:
@@ -213,6 +281,8 @@ def load_jsonl(path: str, question_field: str, answer_field: str) -> list[Proble
 def load_problems(cfg: Config) -> tuple[list[Problem], list[Problem]]:
     """(train, held_out) for the built-in task or the user's JSONL files."""
     if cfg.data is None:
+        if cfg.task == "pick":
+            return pick_problems(cfg.eval_size, cfg.split_seed)
         return arithmetic_problems(cfg.operations, cfg.min_operand, cfg.max_operand, cfg.eval_size,
                                    cfg.split_seed)
     train = load_jsonl(cfg.data, cfg.question_field, cfg.answer_field)
@@ -220,11 +290,7 @@ def load_problems(cfg: Config) -> tuple[list[Problem], list[Problem]]:
         held_out = load_jsonl(cfg.eval_data, cfg.question_field, cfg.answer_field)[:cfg.eval_size]
         held_out_questions = {p.question for p in held_out}
         return [p for p in train if p.question not in held_out_questions], held_out
-    if len(train) <= cfg.eval_size:
-        raise ValueError(f"{cfg.data} has {len(train)} problems, not more than --eval-size {cfg.eval_size}")
-    train = list(train)
-    random.Random(cfg.split_seed).shuffle(train)
-    return train[cfg.eval_size:], train[:cfg.eval_size]
+    return split_problems(train, cfg.eval_size, cfg.split_seed)
 
 
 def format_prompt(tokenizer, question: str) -> str:
@@ -233,8 +299,6 @@ def format_prompt(tokenizer, question: str) -> str:
         return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
                                              add_generation_prompt=True)
     return f"Question: {question}\nAnswer:"
-
-
 # =====================================================================================================
 # 3. Verifiable reward
 # =====================================================================================================
@@ -289,8 +353,10 @@ def math_reward(completion: str, answer: str) -> float:
     r"""1.0 if the completion's final answer equals the reference answer, else 0.0.
 
     The reference may be a bare value ("0.5") or a full solution ("... #### 42", GSM8K style).
-    >>> math_reward("Half of it: \\boxed{\\frac{1}{2}}", "0.5"), math_reward("It costs $1,000.", "1000"), math_reward("", "3")
-    (1.0, 1.0, 0.0)
+    >>> math_reward("Half of it: \\boxed{\\frac{1}{2}}", "0.5"), math_reward("It costs $1,000.", "1000")
+    (1.0, 1.0)
+    >>> math_reward("", "3")
+    0.0
     """
     predicted = extract_answer(completion)
     reference = extract_answer(answer) or answer
@@ -300,6 +366,39 @@ def math_reward(completion: str, answer: str) -> float:
     if predicted_value is not None and reference_value is not None:
         return float(math.isclose(predicted_value, reference_value, rel_tol=1e-9, abs_tol=1e-12))
     return float(predicted.replace(" ", "") == reference.strip().replace(" ", ""))
+
+
+def final_answer(completion: str) -> Optional[str]:
+    r"""The final answer in a canonical form, so that equal answers count as one: a number as its value,
+    anything else as written; None when there is none.
+
+    >>> final_answer("It is 7."), final_answer("\\boxed{7.0}"), final_answer("$1,000"), final_answer("0.50")
+    ('7', '7', '1000', '0.5')
+    """
+    answer = extract_answer(completion)
+    if answer is None:
+        return None
+    value = parse_number(answer)
+    if value is None or not math.isfinite(value):
+        return answer.strip()
+    return str(int(value)) if value == int(value) else repr(value)
+
+
+def pick_reward(completion: str, answer: str) -> float:
+    """1.0 if the completion's final answer is one of the valid numbers listed in `answer`, else 0.0.
+
+    >>> pick_reward("I pick 7.", "1, 3, 7"), pick_reward("2", "1, 3, 7"), pick_reward("7.5", "1, 3, 7")
+    (1.0, 0.0, 0.0)
+    """
+    return float(final_answer(completion) in answer.split(", "))
+
+
+TASKS: dict[str, Callable[[str, str], float]] = {"arithmetic": math_reward, "pick": pick_reward}
+
+
+def reward_function(cfg: Config) -> Callable[[str, str], float]:
+    """r(x, y) as a function of (completion, answer): the task's checker, math_reward for --data files."""
+    return math_reward if cfg.data is not None else TASKS[cfg.task]
 
 
 # =====================================================================================================
@@ -379,6 +478,11 @@ def completion_mask_from_ids(completion_ids: torch.Tensor, eos_ids: list[int]) -
     return (eos_before == 0).long()
 
 
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Left padding shifts every token; positions count real tokens only, as generate() does."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
 @dataclass
 class Rollouts:
     """A batch of prompts (left-padded) followed by their sampled completions."""
@@ -394,35 +498,74 @@ class Rollouts:
         return self.input_ids[:, self.prompt_length:]  # [B, T]
 
 
-def autocast(device: torch.device):
-    """bf16 matmuls on a GPU (weights and optimiser state stay float32); plain float32 on a CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+def resolve_precision(name: str, device: torch.device) -> str:
+    """'bf16' or 'fp32'. auto picks bf16 where the hardware computes it natively: a GPU that supports it,
+    or a CPU whose flags list avx512_bf16 or amx_bf16 (there bf16 matmuls run about 3x faster than fp32);
+    elsewhere bf16 would be emulated, slower than fp32."""
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return "fp32"
+    return "bf16" if re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) else "fp32"
+
+
+def autocast(model, precision: str):
+    """bf16 autocast: matmuls in bfloat16, weights, gradients and optimiser state stay float32."""
+    device_type = next(model.parameters()).device.type
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 @torch.no_grad()
 def sample_completions(model, tokenizer, prompts: list[str], samples_per_prompt: int, max_new_tokens: int,
                        temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False) -> Rollouts:
-    """`samples_per_prompt` completions of each prompt, grouped: rows [i*G, (i+1)*G) belong to prompts[i]."""
-    from transformers import GenerationConfig
+    """`samples_per_prompt` completions of each prompt, grouped: rows [i*G, (i+1)*G) belong to prompts[i].
+
+    Sampled from exactly softmax(logits / temperature) (with top_p < 1, its nucleus): whatever the model's
+    own generation_config holds (repetition penalty, top-k, ...) is not applied, so that pi_old, the policy
+    the loss scores, is the distribution the rollouts came from.
+    """
+    from transformers import DynamicCache, GenerationConfig
     device = next(model.parameters()).device
     encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    prompt_ids, prompt_mask = encoded.input_ids, encoded.attention_mask                 # [P, L]
     eos_ids = eos_token_ids(model, tokenizer)
     generation_config = GenerationConfig(
         do_sample=not greedy, temperature=None if greedy else temperature, top_p=None if greedy else top_p,
-        top_k=None if greedy else 0, max_new_tokens=max_new_tokens, num_return_sequences=samples_per_prompt,
-        eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
+        top_k=None if greedy else 0, max_new_tokens=max_new_tokens, eos_token_id=eos_ids,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
     was_training = model.training
     model.eval()
-    with autocast(device):
-        output = model.generate(**encoded, generation_config=generation_config)  # [B, P+T]
-    model.train(was_training)
-    prompt_length = encoded.input_ids.shape[1]
+    # The G samples of a prompt share it: encode each prompt once (all but its last token, which generate()
+    # feeds to get the first logits) and copy that KV cache G times, instead of encoding G copies.
+    cache = DynamicCache(config=model.config)
+    if prompt_ids.shape[1] > 1:
+        model(input_ids=prompt_ids[:, :-1], attention_mask=prompt_mask[:, :-1],
+              position_ids=position_ids_from_mask(prompt_mask[:, :-1]), cache=cache, use_cache=True,
+              logits_to_keep=1)
+    cache.batch_repeat_interleave(samples_per_prompt)
+    # generate() fills every field left unset from model.generation_config, and hub models ship sampling
+    # defaults there (Qwen2.5-Instruct: repetition_penalty, top_k, top_p). An empty one stands in for it.
+    model_defaults, model.generation_config = model.generation_config, GenerationConfig()
+    try:
+        output = model.generate(input_ids=prompt_ids.repeat_interleave(samples_per_prompt, dim=0),
+                                attention_mask=prompt_mask.repeat_interleave(samples_per_prompt, dim=0),
+                                cache=cache, generation_config=generation_config)  # [B, L+T]
+    finally:
+        model.generation_config = model_defaults
+        model.train(was_training)
+    prompt_length = prompt_ids.shape[1]
     completion_ids = output[:, prompt_length:]
     completion_mask = completion_mask_from_ids(completion_ids, eos_ids)
-    prompt_mask = encoded.attention_mask.repeat_interleave(samples_per_prompt, dim=0)
     texts = [tokenizer.decode(ids[mask.bool()], skip_special_tokens=True)
              for ids, mask in zip(completion_ids, completion_mask)]
-    return Rollouts(input_ids=output, attention_mask=torch.cat([prompt_mask, completion_mask], dim=1),
+    return Rollouts(input_ids=output,
+                    attention_mask=torch.cat([prompt_mask.repeat_interleave(samples_per_prompt, dim=0),
+                                              completion_mask], dim=1),
                     prompt_length=prompt_length, completion_mask=completion_mask,
                     truncated=~torch.isin(completion_ids, torch.tensor(eos_ids, device=device)).any(-1),
                     texts=texts)
@@ -449,43 +592,85 @@ class LogZHead(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
         # hidden_states [B, P, H], prompt_mask [B, P] (0 on left padding) -> log_z [B]
-        mask = prompt_mask.unsqueeze(-1).to(hidden_states.dtype)                    # [B, P, 1]
-        prompt_mean = (hidden_states * mask).sum(1) / mask.sum(1).clamp(min=1.0)    # [B, H]
+        padding = ~prompt_mask.bool().unsqueeze(-1)                                 # [B, P, 1]
+        # masked_fill, not a product: a NaN or inf under the padding must not reach the mean (0 * inf = NaN)
+        prompt_sum = hidden_states.masked_fill(padding, 0.0).sum(1)                 # [B, H]
+        prompt_mean = prompt_sum / prompt_mask.sum(1, keepdim=True).clamp(min=1).to(hidden_states.dtype)
         return self.mlp(prompt_mean.to(self.mlp[0].weight.dtype)).squeeze(-1)       # [B]
 
 
-def token_logprobs_and_log_z(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                             prompt_length: int, temperature: float, log_z_head: Optional[LogZHead] = None):
+def token_logprobs_and_log_z(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int,
+                             temperature: float, log_z_head: Optional[LogZHead] = None, group_size: int = 1):
     """Per-token log pi(y_t | x, y_<t) of the response [B, T] and, with a head, log Z_phi(x) [B].
 
-    One forward pass gives both. Logits are computed only at the T response positions and scored with
-    logsumexp + gather, so no [B, P+T, vocab] tensor and no log-softmax copy of the logits is made.
+    One forward pass of the model gives both: its own logits (with whatever it does after the LM head:
+    Gemma 2's soft-capping, Cohere's logit_scale, ...), kept only at the T positions that predict the
+    response, scored with logsumexp + gather (no [B, P+T, vocab] tensor, no log-softmax copy); and its last
+    hidden states (after the final norm) of the prompt, for log Z.
+
+    With group_size G > 1, rows come in groups of G completions of one prompt (rows [i*G, (i+1)*G)), and the
+    pass is split in two: each prompt once, then its G completions on top of a copy of its KV cache. Same
+    result as one pass over every row's prompt + completion, without computing each prompt G times.
     """
-    decoder, lm_head = model.get_decoder(), model.get_output_embeddings()
-    # Left padding shifts every token; positions must count real tokens only, as generate() does.
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                     use_cache=False).last_hidden_state                     # [B, P+T, H], after final norm
-    completion_ids = input_ids[:, prompt_length:]                           # [B, T]
-    logits = lm_head(hidden[:, prompt_length - 1:-1]).float() / temperature  # [B, T, V] predicts y_t
+    completion_length = input_ids.shape[1] - prompt_length                   # T
+    positions = position_ids_from_mask(attention_mask)                       # [B, P+T]
+    # Gradient checkpointing drops the KV cache when it will replay the layers in the backward pass.
+    share = group_size > 1 and completion_length > 1 and not (
+        torch.is_grad_enabled() and model.is_activation_checkpointing)
+    if share:
+        from transformers import DynamicCache
+        cache = DynamicCache(config=model.config)
+        prompt_output = model(input_ids=input_ids[::group_size, :prompt_length],
+                              attention_mask=attention_mask[::group_size, :prompt_length],
+                              position_ids=positions[::group_size, :prompt_length], cache=cache, use_cache=True,
+                              logits_to_keep=1, output_hidden_states=log_z_head is not None)
+        cache.batch_repeat_interleave(group_size)
+        completion_output = model(input_ids=input_ids[:, prompt_length:-1], attention_mask=attention_mask[:, :-1],
+                                  position_ids=positions[:, prompt_length:-1], cache=cache, use_cache=True)
+        logits = torch.cat([prompt_output.logits.repeat_interleave(group_size, dim=0),
+                            completion_output.logits], dim=1)                 # [B, T, V]
+    else:
+        prompt_output = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                              use_cache=False, logits_to_keep=completion_length + 1,
+                              output_hidden_states=log_z_head is not None)
+        logits = prompt_output.logits[:, :-1]                                 # [B, T, V] position P-1+t predicts y_t
+    logits = logits.float() / temperature
+    completion_ids = input_ids[:, prompt_length:]                            # [B, T]
     logprobs = logits.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)  # [B, T]
     log_z = None
     if log_z_head is not None:
-        log_z = log_z_head(hidden[:, :prompt_length], attention_mask[:, :prompt_length])  # [B]
+        rows = slice(None, None, group_size) if share else slice(None)
+        prompt_hidden = prompt_output.hidden_states[-1][:, :prompt_length]    # [B or B/G, P, H], after the final norm
+        log_z = log_z_head(prompt_hidden, attention_mask[rows, :prompt_length])
+        if share:
+            log_z = log_z.repeat_interleave(group_size)                      # [B]
     return logprobs, log_z
 
 
+def forward_passes(groups: torch.Tensor, group_size: int, micro_batch_size: int) -> list[tuple[torch.Tensor, int]]:
+    """The rows of the given groups, cut into forward passes of at most micro_batch_size rows: (row indices, the
+    group size the pass can share prompts over). Whole groups per pass when micro_batch_size holds one, else
+    single rows with no sharing.
+
+    >>> forward_passes(torch.tensor([2, 0]), 2, 4), forward_passes(torch.tensor([1]), 2, 1)
+    ([(tensor([4, 5, 0, 1]), 2)], [(tensor([2]), 1), (tensor([3]), 1)])
+    """
+    rows = (groups.unsqueeze(1) * group_size + torch.arange(group_size)).flatten()   # [len(groups) * G]
+    if micro_batch_size >= group_size:
+        return [(chunk, group_size) for chunk in rows.split(micro_batch_size // group_size * group_size)]
+    return [(chunk, 1) for chunk in rows.split(micro_batch_size)]
+
+
 @torch.no_grad()
-def batched_token_logprobs(model, rollouts: Rollouts, temperature: float, micro_batch_size: int):
-    """token_logprobs_and_log_z without gradients, micro-batched: the reference and pi_old passes."""
-    device = next(model.parameters()).device
+def batched_token_logprobs(model, rollouts: Rollouts, temperature: float, micro_batch_size: int,
+                           precision: str = "fp32", group_size: int = 1):
+    """token_logprobs_and_log_z without gradients, in forward passes of micro_batch_size rows: the reference
+    and pi_old passes."""
     chunks = []
-    for start in range(0, len(rollouts.texts), micro_batch_size):
-        rows = slice(start, start + micro_batch_size)
-        with autocast(device):
-            logprobs, _ = token_logprobs_and_log_z(model, rollouts.input_ids[rows],
-                                                   rollouts.attention_mask[rows], rollouts.prompt_length,
-                                                   temperature)
+    for rows, shared in forward_passes(torch.arange(len(rollouts.texts) // group_size), group_size, micro_batch_size):
+        with autocast(model, precision):
+            logprobs, _ = token_logprobs_and_log_z(model, rollouts.input_ids[rows], rollouts.attention_mask[rows],
+                                                   rollouts.prompt_length, temperature, group_size=shared)
         chunks.append(logprobs)
     return torch.cat(chunks)  # [B, T]
 
@@ -603,7 +788,46 @@ def peak_memory_mb(device: torch.device) -> float:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: torch {torch.__version__} sees no CUDA GPU "
+                         f"({'a CPU-only build' if torch.version.cuda is None else 'no GPU visible'}); "
+                         f"use --device cpu, or install a CUDA build of torch")
+    return device
+
+
+def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device). Under torchrun (WORLD_SIZE > 1) this joins the process group: nccl with one
+    GPU per process (LOCAL_RANK), gloo on CPUs. A plain `python flowrl.py` is rank 0 of 1."""
+    device = resolve_device(device_name)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        # rank 0 evaluates and saves while the others wait in their next all-reduce: allow for a long evaluation
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2))
+    return dist.get_rank(), world_size, device
+
+
+def all_reduce_sum(values: dict[str, float], world_size: int) -> dict[str, float]:
+    """Sum a dict of numbers over processes (every process must pass the same keys)."""
+    if world_size == 1:
+        return values
+    keys = sorted(values)
+    totals = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        totals = totals.cuda()
+    dist.all_reduce(totals)
+    return dict(zip(keys, totals.tolist()))
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """Each step, on each process, samples from its own seed: resuming at any step replays the same rollouts,
+    with no random-number state to save."""
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
 
 
 def default_output_dir(cfg: Config) -> str:
@@ -623,7 +847,7 @@ def find_checkpoint(path: str, required: bool = True) -> Optional[str]:
 
 
 def save_checkpoint(output_dir: str, model, tokenizer, log_z_head, optimizer, scheduler, step: int,
-                    data_rng: random.Random, cfg: Config) -> str:
+                    data_rng: random.Random, cfg: Config, step0_answers: Optional[dict]) -> str:
     """Write output_dir/checkpoint atomically: build checkpoint.tmp, then swap it in with renames, so an
     interrupted save leaves the previous checkpoint intact."""
     final, temporary, previous = (os.path.join(output_dir, name)
@@ -632,12 +856,9 @@ def save_checkpoint(output_dir: str, model, tokenizer, log_z_head, optimizer, sc
     model.save_pretrained(temporary)
     tokenizer.save_pretrained(temporary)
     torch.save(log_z_head.state_dict(), os.path.join(temporary, "log_z_head.pt"))
-    torch.save({
-        "step": step, "config": dataclasses.asdict(cfg),
-        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "data_rng": data_rng.getstate(), "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-    }, os.path.join(temporary, "trainer_state.pt"))
+    torch.save({"step": step, "config": dataclasses.asdict(cfg), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "data_rng": data_rng.getstate(),
+                "step0_answers": step0_answers}, os.path.join(temporary, "trainer_state.pt"))
     if os.path.isdir(final):
         shutil.rmtree(previous, ignore_errors=True)
         os.rename(final, previous)
@@ -646,192 +867,254 @@ def save_checkpoint(output_dir: str, model, tokenizer, log_z_head, optimizer, sc
     return final
 
 
-def score(rollouts: Rollouts, problems: list[Problem], samples_per_prompt: int) -> torch.Tensor:
-    """Verifiable reward r(x, y) of every completion, [B]."""
-    return torch.tensor([math_reward(text, problems[i // samples_per_prompt].answer)
-                         for i, text in enumerate(rollouts.texts)])
+def score(texts: list[str], problems: list[Problem], samples_per_prompt: int,
+          reward_fn: Callable[[str, str], float]) -> torch.Tensor:
+    """Verifiable reward r(x, y) of every completion, [B]; completion i answers problems[i // G]."""
+    return torch.tensor([reward_fn(text, problems[i // samples_per_prompt].answer) for i, text in enumerate(texts)])
+
+
+def policy_update(policy, log_z_head, optimizer, rollouts: Rollouts, reward_hat: torch.Tensor,
+                  ref_logprobs: Optional[torch.Tensor], old_logprobs: Optional[torch.Tensor], cfg: Config,
+                  precision: str = "fp32", world_size: int = 1) -> tuple[dict, dict]:
+    """The loss (Eq. 6, or Eq. 1 for GRPO) and `cfg.updates_per_batch` AdamW updates on mini-batches of one
+    rollout batch, each accumulated over micro-batches. Under torchrun each process holds its share of the
+    batch and the gradients (policy and log Z head) are averaged over processes before each update, so an
+    update means the same as in one process given the whole batch.
+
+    ref_logprobs, old_logprobs: [B, T] (None: no reference model / pi_old is the current policy, w = 1).
+    Returns (sums over this process's sequences of the loss and its stats, per-sequence values [B]).
+    """
+    device = reward_hat.device
+    batch_size = len(rollouts.texts)
+    params = list(policy.parameters()) + list(log_z_head.parameters())
+    policy.train()
+    log_z_head.train()
+    sums, skipped_updates = collections.defaultdict(float, loss=0.0), 0
+    per_sequence = {name: torch.full((batch_size,), float("nan"))  # for --log-rollouts
+                    for name in ("log_z", "residual", "importance_weight")}
+    # Mini-batches are whole groups (prompts, as the paper's "32 prompts" mini-batch), chosen at random.
+    for groups in torch.randperm(batch_size // cfg.group_size).tensor_split(cfg.updates_per_batch):
+        minibatch_size = len(groups) * cfg.group_size
+        optimizer.zero_grad(set_to_none=True)
+        finite = True
+        for rows, shared in forward_passes(groups, cfg.group_size, cfg.micro_batch_size):
+            rows = rows.to(device)
+            with autocast(policy, precision):
+                logprobs, log_z = token_logprobs_and_log_z(
+                    policy, rollouts.input_ids[rows], rollouts.attention_mask[rows], rollouts.prompt_length,
+                    cfg.temperature, log_z_head if cfg.algo == "flowrl" else None, group_size=shared)  # [b, T], [b]
+            old = old_logprobs[rows] if old_logprobs is not None else logprobs.detach()
+            ref = ref_logprobs[rows] if ref_logprobs is not None else logprobs.detach()
+            mask = rollouts.completion_mask[rows]
+            if cfg.algo == "flowrl":
+                loss, stats = flowrl_loss(logprobs, ref, old, log_z, reward_hat[rows], mask,
+                                          beta=cfg.beta, clip_eps=cfg.clip_eps)
+                per_sequence["residual"][rows.cpu()] = stats.pop("residual").float().cpu()
+                per_sequence["importance_weight"][rows.cpu()] = stats.pop("weight").float().cpu()
+                per_sequence["log_z"][rows.cpu()] = log_z.detach().float().cpu()
+            else:
+                loss, stats = grpo_loss(logprobs, old, ref, reward_hat[rows], mask,
+                                        clip_eps=cfg.clip_eps, kl_coef=cfg.kl_coef)
+            if not torch.isfinite(loss):
+                finite = False
+                break
+            # each micro-batch's mean, weighted by its share, adds up to the mini-batch mean
+            (loss * len(rows) / minibatch_size).backward()
+            for name, value in {"loss": loss, **stats}.items():
+                sums[name] += value.item() * len(rows)
+        if world_size > 1:
+            finite = all_reduce_sum({"finite": float(finite)}, world_size)["finite"] == world_size
+            for param in params:
+                if param.grad is not None:
+                    dist.all_reduce(param.grad)
+                    param.grad /= world_size
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        if not finite or not torch.isfinite(grad_norm):
+            optimizer.zero_grad(set_to_none=True)
+            skipped_updates += 1
+            tqdm.write("non-finite loss or gradient: update skipped (weights unchanged)")
+            continue
+        optimizer.step()
+    sums["skipped_updates"] = skipped_updates
+    return dict(sums), per_sequence
+
+
+def training_step(policy, reference, log_z_head, optimizer, tokenizer, problems: list[Problem], cfg: Config,
+                  reward_fn: Callable[[str, str], float], precision: str = "fp32",
+                  world_size: int = 1) -> tuple[dict, list[dict]]:
+    """One FlowRL (or GRPO) step on this process's prompts, in the paper's order:
+    sample a group -> reward -> r_hat (Eq. 5) -> pi_ref and pi_old log-probs -> loss (Eq. 6 / Eq. 1) -> update.
+    Returns (the step's metrics, summed over processes; one row per completion for --log-rollouts)."""
+    device = next(policy.parameters()).device
+    step_start = time.perf_counter()
+
+    # ---- 1. a group of G completions per prompt, sampled from pi_old = the current policy --------------------
+    prompts = [format_prompt(tokenizer, p.question) for p in problems]
+    with autocast(policy, precision):
+        rollouts = sample_completions(policy, tokenizer, prompts, cfg.group_size, cfg.max_new_tokens,
+                                      temperature=cfg.temperature)
+    generation_seconds = time.perf_counter() - step_start
+
+    # ---- 2. reward r(x, y) (Section 3) and its group normalisation r_hat (Eq. 5) -------------------------------
+    rewards = score(rollouts.texts, problems, cfg.group_size, reward_fn).to(device)     # r      [B]
+    reward_hat = group_normalize(rewards, cfg.group_size)                                # r_hat  [B]
+
+    # ---- 3. log-probs of pi_ref, and of pi_old when several updates share this batch --------------------------
+    train_start = time.perf_counter()
+    def logprobs_of(model):
+        return batched_token_logprobs(model, rollouts, cfg.temperature, cfg.micro_batch_size, precision,
+                                      cfg.group_size)
+    ref_logprobs = logprobs_of(reference) if reference is not None else None            # [B, T]
+    old_logprobs = logprobs_of(policy) if cfg.updates_per_batch > 1 else None          # [B, T]
+
+    # ---- 4. loss and updates ----------------------------------------------------------------------------------
+    sums, per_sequence = policy_update(policy, log_z_head, optimizer, rollouts, reward_hat, ref_logprobs,
+                                       old_logprobs, cfg, precision, world_size)
+    train_seconds = time.perf_counter() - train_start
+
+    generated_tokens = int(rollouts.completion_mask.sum())
+    totals = all_reduce_sum({
+        **sums, "sequences": len(rollouts.texts), "reward": rewards.sum().item(),
+        "correct": (rewards == 1.0).sum().item(), "generated_tokens": generated_tokens,
+        "truncated": rollouts.truncated.sum().item()}, world_size)
+    sequences = totals.pop("sequences")
+    record = {
+        "reward_mean": totals.pop("reward") / sequences,
+        "accuracy": totals.pop("correct") / sequences,
+        "response_length_mean": totals.pop("generated_tokens") / sequences,
+        "truncated_frac": totals.pop("truncated") / sequences,
+        "skipped_updates": int(totals.pop("skipped_updates")) // world_size,
+        **{name: value / sequences for name, value in totals.items()},
+        "step_seconds": time.perf_counter() - step_start,
+        "generation_seconds": generation_seconds,
+        "train_seconds": train_seconds,
+        "generation_tokens_per_s": generated_tokens / generation_seconds,
+        "train_tokens_per_s": int(rollouts.attention_mask.sum()) / train_seconds,  # padding excluded
+        "peak_memory_mb": peak_memory_mb(device),
+    }
+    rows = [{"prompt": problems[i // cfg.group_size].question, "completion": text,
+             "reward": rewards[i].item(), "reward_hat": reward_hat[i].item(),
+             **{name: (None if math.isnan(values[i]) else values[i].item()) for name, values in per_sequence.items()}}
+            for i, text in enumerate(rollouts.texts)]
+    return record, rows
+
+
+def load_policy_and_reference(cfg: Config, checkpoint: Optional[str], device: torch.device):
+    """(policy, reference or None, tokenizer). pi_ref is the frozen initial model; on resume it is reloaded
+    from --model, not from the checkpoint. GRPO without a KL term needs none."""
+    policy, tokenizer = load_model_and_tokenizer(checkpoint or cfg.model)
+    reference = None
+    if cfg.algo == "flowrl" or cfg.kl_coef:
+        reference = load_model_and_tokenizer(cfg.model)[0] if checkpoint else copy.deepcopy(policy)
+        reference.to(device).eval().requires_grad_(False)
+    policy.to(device)
+    if cfg.gradient_checkpointing:
+        policy.activation_checkpointing_enable()
+    return policy, reference, tokenizer
 
 
 def train(cfg: Config) -> dict:
-    """Run FlowRL (or GRPO) as configured; returns the first and last evaluation results."""
-    validate(cfg)
-    device = resolve_device(cfg.device)
+    """Run FlowRL (or GRPO) as configured; returns the first and last evaluation results (on rank 0)."""
+    rank, world_size, device = init_distributed(cfg.device)
+    validate(cfg, world_size)
+    is_main = rank == 0
     output_dir = cfg.output_dir or default_output_dir(cfg)
     if not cfg.resume and find_checkpoint(output_dir, required=False):
         raise ValueError(f"{output_dir} already holds a checkpoint: continue it with --resume {output_dir}, "
                          f"or pass another --output-dir")
     train_problems, held_out = load_problems(cfg)
+    if len(train_problems) < cfg.prompts_per_step:
+        raise ValueError(f"{len(train_problems)} training problems, fewer than --prompts-per-step")
+    reward_fn = reward_function(cfg)
+    precision = resolve_precision(cfg.precision, device)
     torch.manual_seed(cfg.seed)
-    data_rng = random.Random(cfg.seed)
+    data_rng = random.Random(cfg.seed)  # the same on every process: all draw the same prompts, each takes its share
 
-    # pi_ref is the frozen initial model. On resume it is reloaded from --model, not from the checkpoint.
     checkpoint = find_checkpoint(cfg.resume) if cfg.resume else None
-    if checkpoint:
-        policy, tokenizer = load_model_and_tokenizer(checkpoint)
-        reference = load_model_and_tokenizer(cfg.model)[0] if cfg.algo == "flowrl" or cfg.kl_coef else None
-    else:
-        policy, tokenizer = load_model_and_tokenizer(cfg.model)
-        reference = copy.deepcopy(policy) if cfg.algo == "flowrl" or cfg.kl_coef else None
-    policy.to(device)
-    if reference is not None:
-        reference.to(device).eval().requires_grad_(False)
-    if cfg.gradient_checkpointing:
-        policy.gradient_checkpointing_enable()
+    policy, reference, tokenizer = load_policy_and_reference(cfg, checkpoint, device)
     log_z_head = LogZHead(policy.config.hidden_size).to(device)
-
     optimizer = torch.optim.AdamW([
         {"params": policy.parameters(), "lr": cfg.lr},
         {"params": log_z_head.parameters(), "lr": cfg.log_z_lr},
     ], weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
-    start_step = 0
+    start_step, step0_answers = 0, None
     if checkpoint:
         state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)
         log_z_head.load_state_dict(torch.load(os.path.join(checkpoint, "log_z_head.pt")))
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         data_rng.setstate(state["data_rng"])
-        torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        start_step = state["step"]
-        print(f"resumed from {checkpoint} at step {start_step}")
-    os.makedirs(output_dir, exist_ok=True)  # only now, so that a model that fails to load leaves no empty folder
-    with open(os.path.join(output_dir, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=2)
-    metrics_file = open(os.path.join(output_dir, "metrics.jsonl"), "a")
-    rollouts_file = open(os.path.join(output_dir, "rollouts.jsonl"), "a") if cfg.log_rollouts else None
+        start_step, step0_answers = state["step"], state.get("step0_answers")
+        if is_main:
+            print(f"resumed from {checkpoint} at step {start_step}")
+    probe_problems = train_problems[:dist_prompt_count(cfg)]  # fixed: the first of the (seed-independent) split
+
+    first_eval = last_eval = metrics_file = rollouts_file = None
+    if is_main:
+        os.makedirs(output_dir, exist_ok=True)  # only now, so that a model that fails to load leaves no empty folder
+        with open(os.path.join(output_dir, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=2)
+        metrics_file = open(os.path.join(output_dir, "metrics.jsonl"), "a")
+        rollouts_file = open(os.path.join(output_dir, "rollouts.jsonl"), "a") if cfg.log_rollouts else None
+        print(f"{cfg.algo} | model {cfg.model} | {device} x {world_size} | {precision} | {len(train_problems)} train "
+              f"/ {len(held_out)} held-out problems | {cfg.prompts_per_step} prompts x {cfg.group_size} samples per step")
 
     def log(record: dict) -> None:
         metrics_file.write(json.dumps(record) + "\n")
         metrics_file.flush()
 
-    def save(step: int) -> None:
-        path = save_checkpoint(output_dir, policy, tokenizer, log_z_head, optimizer, scheduler, step,
-                               data_rng, cfg)
-        tqdm.write(f"step {step}: checkpoint saved to {path}")
-
-    print(f"{cfg.algo} | model {cfg.model} | {device} | {len(train_problems)} train / {len(held_out)} "
-          f"held-out problems | {cfg.prompts_per_step} prompts x {cfg.group_size} samples per step")
-    first_eval = evaluate(policy, tokenizer, held_out, cfg, step=start_step, show=cfg.show_examples)
-    log(first_eval)
-    last_eval = first_eval
-
-    progress = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc=cfg.algo)
-    for step in progress:
-        step_start = time.perf_counter()
-        # ---- sample prompts and a group of G completions per prompt (pi_old = current policy) -------------
-        problems = data_rng.sample(train_problems, min(cfg.prompts_per_step, len(train_problems)))
-        prompts = [format_prompt(tokenizer, p.question) for p in problems]
-        rollouts = sample_completions(policy, tokenizer, prompts, cfg.group_size, cfg.max_new_tokens,
-                                      temperature=cfg.temperature)
-        generation_seconds = time.perf_counter() - step_start
-        generated_tokens = int(rollouts.completion_mask.sum())
-
-        # ---- reward (Section 3) and its group normalisation (Eq. 5) --------------------------------------
-        rewards = score(rollouts, problems, cfg.group_size).to(device)               # r      [B]
-        reward_hat = group_normalize(rewards, cfg.group_size)                        # r_hat  [B]
-
-        # ---- log-probs of pi_ref, and of pi_old when several updates share this batch ---------------------
-        train_start = time.perf_counter()
-        ref_logprobs = (batched_token_logprobs(reference, rollouts, cfg.temperature, cfg.micro_batch_size)
-                        if reference is not None else None)                          # [B, T]
-        old_logprobs = (batched_token_logprobs(policy, rollouts, cfg.temperature, cfg.micro_batch_size)
-                        if cfg.updates_per_batch > 1 else None)                      # [B, T]
-
-        # ---- updates: mini-batches of the rollout batch, each accumulated over micro-batches ---------------
-        policy.train()
-        log_z_head.train()
-        batch_size = len(rollouts.texts)
-        order = torch.randperm(batch_size)
-        stat_sums, loss_sum, skipped_updates = {}, 0.0, 0
-        per_sequence = {name: torch.full((batch_size,), float("nan"))  # for --log-rollouts
-                        for name in ("log_z", "residual", "importance_weight")}
-        for minibatch in order.tensor_split(cfg.updates_per_batch):
-            optimizer.zero_grad(set_to_none=True)
-            finite = True
-            for rows in minibatch.split(cfg.micro_batch_size):
-                rows = rows.to(device)
-                with autocast(device):
-                    logprobs, log_z = token_logprobs_and_log_z(
-                        policy, rollouts.input_ids[rows], rollouts.attention_mask[rows], rollouts.prompt_length,
-                        cfg.temperature, log_z_head if cfg.algo == "flowrl" else None)
-                old = old_logprobs[rows] if old_logprobs is not None else logprobs.detach()
-                mask = rollouts.completion_mask[rows]
-                if cfg.algo == "flowrl":
-                    loss, stats = flowrl_loss(logprobs, ref_logprobs[rows], old, log_z, reward_hat[rows], mask,
-                                              beta=cfg.beta, clip_eps=cfg.clip_eps)
-                    per_sequence["residual"][rows.cpu()] = stats.pop("residual").float().cpu()
-                    per_sequence["importance_weight"][rows.cpu()] = stats.pop("weight").float().cpu()
-                    per_sequence["log_z"][rows.cpu()] = log_z.detach().float().cpu()
-                else:
-                    ref = ref_logprobs[rows] if ref_logprobs is not None else logprobs.detach()
-                    loss, stats = grpo_loss(logprobs, old, ref, reward_hat[rows], mask,
-                                            clip_eps=cfg.clip_eps, kl_coef=cfg.kl_coef)
-                if not torch.isfinite(loss):
-                    finite = False
-                    break
-                # each micro-batch's mean, weighted by its share, adds up to the mini-batch mean
-                (loss * len(rows) / len(minibatch)).backward()
-                loss_sum += loss.item() * len(rows)
-                for name, value in stats.items():
-                    stat_sums[name] = stat_sums.get(name, 0.0) + value.item() * len(rows)
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                list(policy.parameters()) + list(log_z_head.parameters()), cfg.max_grad_norm)
-            if not finite or not torch.isfinite(grad_norm):
-                optimizer.zero_grad(set_to_none=True)
-                skipped_updates += 1
-                tqdm.write(f"step {step + 1}: non-finite loss or gradient, update skipped (weights unchanged)")
-                continue
-            optimizer.step()
-        scheduler.step()
-        train_seconds = time.perf_counter() - train_start
-        batch_tokens = int(rollouts.attention_mask.sum())  # prompt + response tokens, padding excluded
-
-        # ---- log --------------------------------------------------------------------------------------------
-        record = {
-            "split": "train", "step": step + 1, "algo": cfg.algo,
-            "reward_mean": rewards.mean().item(),
-            "accuracy": (rewards == 1.0).float().mean().item(),
-            "loss": loss_sum / batch_size,
-            **{name: value / batch_size for name, value in stat_sums.items()},
-            "skipped_updates": skipped_updates,
-            "response_length_mean": generated_tokens / batch_size,
-            "truncated_frac": rollouts.truncated.float().mean().item(),
-            "lr": scheduler.get_last_lr()[0],
-            "step_seconds": time.perf_counter() - step_start,
-            "generation_seconds": generation_seconds,
-            "train_seconds": train_seconds,
-            "generation_tokens_per_s": generated_tokens / generation_seconds,
-            "train_tokens_per_s": batch_tokens / train_seconds,
-            "peak_memory_mb": peak_memory_mb(device),
-        }
+    def evaluate_and_log(step: int, show: int) -> dict:
+        nonlocal step0_answers
+        record, step0_answers = evaluate(policy, tokenizer, held_out, probe_problems, cfg, step, reward_fn,
+                                         precision, step0_answers, show)
         log(record)
-        progress.set_postfix(reward=f"{record['reward_mean']:.2f}", acc=f"{record['accuracy']:.2f}",
-                             loss=f"{record['loss']:.3g}", log_z=f"{record.get('log_z_mean', 0.0):.2f}")
-        if rollouts_file is not None:
-            for i, text in enumerate(rollouts.texts):
-                rollouts_file.write(json.dumps({
-                    "step": step + 1, "prompt": problems[i // cfg.group_size].question, "completion": text,
-                    "reward": rewards[i].item(), "reward_hat": reward_hat[i].item(),
-                    **{name: (None if math.isnan(v[i]) else v[i].item()) for name, v in per_sequence.items()},
-                }) + "\n")
-            rollouts_file.flush()
+        return record
 
+    if is_main:
+        first_eval = last_eval = evaluate_and_log(start_step, cfg.show_examples)
+    progress = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc=cfg.algo,
+                    disable=not is_main)
+    for step in progress:
+        torch.manual_seed(step_seed(cfg.seed, step, rank))
+        problems = data_rng.sample(train_problems, cfg.prompts_per_step)
+        share = len(problems) // world_size
+        record, rows = training_step(policy, reference, log_z_head, optimizer, tokenizer,
+                                     problems[rank * share:(rank + 1) * share], cfg, reward_fn, precision,
+                                     world_size)
+        scheduler.step()
+        if cfg.log_rollouts and world_size > 1:
+            gathered = [None] * world_size
+            dist.all_gather_object(gathered, rows)
+            rows = [row for rank_rows in gathered for row in rank_rows]
+        if not is_main:
+            continue
+        log({"split": "train", "step": step + 1, "algo": cfg.algo, **record, "lr": scheduler.get_last_lr()[0]})
+        progress.set_postfix(reward=f"{record['reward_mean']:.2f}", loss=f"{record['loss']:.3g}",
+                             log_z=f"{record.get('log_z_mean', 0.0):.2f}")
+        if rollouts_file is not None:
+            for row in rows:
+                rollouts_file.write(json.dumps({"step": step + 1, **row}) + "\n")
+            rollouts_file.flush()
         done = step + 1 == cfg.steps
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and not done:
-            log(evaluate(policy, tokenizer, held_out, cfg, step=step + 1))
+            evaluate_and_log(step + 1, 0)
         if done or (cfg.save_every and (step + 1) % cfg.save_every == 0):
-            save(step + 1)
+            path = save_checkpoint(output_dir, policy, tokenizer, log_z_head, optimizer, scheduler, step + 1,
+                                   data_rng, cfg, step0_answers)
+            tqdm.write(f"step {step + 1}: checkpoint saved to {path}")
     progress.close()
 
-    if start_step < cfg.steps:
-        last_eval = evaluate(policy, tokenizer, held_out, cfg, step=cfg.steps, show=cfg.show_examples)
-        log(last_eval)
-    metrics_file.close()
-    if rollouts_file is not None:
-        rollouts_file.close()
-    print_summary(first_eval, last_eval)
+    if is_main:
+        if start_step < cfg.steps:
+            last_eval = evaluate_and_log(cfg.steps, cfg.show_examples)
+        metrics_file.close()
+        if rollouts_file is not None:
+            rollouts_file.close()
+        print_summary(first_eval, last_eval)
+    if world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
     return {"first_eval": first_eval, "last_eval": last_eval, "output_dir": output_dir}
 
 
@@ -855,31 +1138,120 @@ def distinct_n(token_sequences: list, n: int = 2) -> float:
     return len(set(ngrams)) / len(ngrams) if ngrams else 0.0
 
 
+def entropy(counts: dict) -> float:
+    """Plug-in entropy in nats of the distribution the counts give (0 for no or one answer).
+
+    >>> round(entropy({"3": 2, "7": 2}), 4), entropy({"3": 5}), entropy({})
+    (0.6931, 0.0, 0.0)
+    """
+    total = sum(counts.values())
+    return sum(c / total * math.log(total / c) for c in counts.values() if c) if total else 0.0
+
+
+def smoothed_kl(p_counts: dict, q_counts: dict, alpha: float = 0.5) -> Optional[float]:
+    """KL(p || q) in nats between two answer distributions given by counts. Both are smoothed by adding alpha
+    (1/2: Krichevsky-Trofimov) to the count of every answer seen in either, so an answer one sample has and
+    the other lacks costs a finite amount. None when either has no answers.
+
+    >>> smoothed_kl({"3": 4, "7": 4}, {"3": 4, "7": 4}), round(smoothed_kl({"3": 8}, {"7": 8}), 3)
+    (0.0, 2.518)
+    """
+    if not sum(p_counts.values()) or not sum(q_counts.values()):
+        return None
+    support = set(p_counts) | set(q_counts)
+    p_total = sum(p_counts.values()) + alpha * len(support)
+    q_total = sum(q_counts.values()) + alpha * len(support)
+    kl = 0.0
+    for answer in support:
+        p = (p_counts.get(answer, 0) + alpha) / p_total
+        q = (q_counts.get(answer, 0) + alpha) / q_total
+        kl += p * math.log(p / q)
+    return kl
+
+
+NO_ANSWER = "(no answer)"
+
+
+def sample_answers(model, tokenizer, problems: list[Problem], cfg: Config, reward_fn, precision: str) -> list[dict]:
+    """--dist-samples completions of each problem at the training temperature and top-p 1 (the distribution
+    training matches); for each problem, how often each final answer came, and each correct one."""
+    n = cfg.dist_samples
+    chunk = max(1, cfg.prompts_per_step * cfg.group_size // n)
+    counted = []
+    for i in range(0, len(problems), chunk):
+        with autocast(model, precision):
+            rollouts = sample_completions(model, tokenizer, [format_prompt(tokenizer, p.question) for p in problems[i:i + chunk]],
+                                          n, cfg.max_new_tokens, temperature=cfg.temperature)
+        rewards = score(rollouts.texts, problems[i:i + chunk], n, reward_fn)
+        for g in range(len(rollouts.texts) // n):
+            answers = [final_answer(text) or NO_ANSWER for text in rollouts.texts[g * n:(g + 1) * n]]
+            correct = [answer for answer, r in zip(answers, rewards[g * n:(g + 1) * n]) if r == 1.0]
+            counted.append({"answers": dict(collections.Counter(answers)), "correct": dict(collections.Counter(correct))})
+    return counted
+
+
+def distribution_metrics(counted: list[dict], reference: list[dict], prefix: str) -> dict:
+    """Means over prompts: validity, distinct correct answers, entropy of the correct-answer distribution, and
+    its smoothed KL to the step-0 model's (`reference`; prompts where either has no correct answer skipped)."""
+    kls = [smoothed_kl(now["correct"], then["correct"]) for now, then in zip(counted, reference)]
+    kls = [kl for kl in kls if kl is not None]
+    n = sum(counted[0]["answers"].values())
+    return {
+        f"{prefix}_validity": float(np.mean([sum(c["correct"].values()) / n for c in counted])),
+        f"{prefix}_distinct_correct": float(np.mean([len(c["correct"]) for c in counted])),
+        f"{prefix}_entropy": float(np.mean([entropy(c["correct"]) for c in counted])),
+        f"{prefix}_kl_to_step0": float(np.mean(kls)) if kls else None,
+        f"{prefix}_kl_prompts": len(kls),
+    }
+
+
+def print_histogram(question: str, counted: dict, temperature: float, step: int) -> None:
+    """A text histogram of one prompt's final answers (* marks a correct one)."""
+    n = sum(counted["answers"].values())
+    print(f"\nAnswers to {question!r}: {n} samples at T={temperature}, step {step} (* = correct)")
+    for answer, count in sorted(counted["answers"].items(), key=lambda item: (-item[1], item[0])):
+        mark = "*" if answer in counted["correct"] else " "
+        print(f"  {mark} {answer:>12.12}  {'#' * count} {count}")
+
+
 @torch.no_grad()
-def evaluate(model, tokenizer, problems: list[Problem], cfg: Config, step: int, show: int = 0) -> dict:
-    """Held-out greedy accuracy, pass@1 and pass@k from n samples, and the diversity of those samples."""
+def evaluate(model, tokenizer, problems: list[Problem], probe_problems: list[Problem], cfg: Config, step: int,
+             reward_fn, precision: str = "fp32", step0_answers: Optional[dict] = None,
+             show: int = 0) -> tuple[dict, dict]:
+    """Held-out greedy accuracy, pass@1 and pass@k from n samples at the evaluation temperature and top-p, the
+    diversity of those samples; and the answer-distribution metrics on --dist-prompts held-out prompts and as
+    many fixed training prompts (`probe_problems`).
+
+    The step-0 answer counts are the reference the KL is measured against. With none given (the first
+    evaluation of a run), they are drawn here, and a second, independent draw of the same model is scored
+    against them: its KL is the noise floor of the estimate at this sample size.
+    Returns (the record, the step-0 answer counts).
+    """
     # Its own random stream: sampling here neither changes nor depends on the training run's.
     device = next(model.parameters()).device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)
         start = time.perf_counter()
         prompts = [format_prompt(tokenizer, p.question) for p in problems]
-        chunk = max(1, cfg.prompts_per_step * cfg.group_size // max(1, cfg.eval_samples))
+        rows_per_call = cfg.prompts_per_step * cfg.group_size
         greedy_texts, greedy_lengths = [], []
-        for i in range(0, len(prompts), cfg.prompts_per_step * cfg.group_size):
-            rollouts = sample_completions(model, tokenizer, prompts[i:i + cfg.prompts_per_step * cfg.group_size],
-                                          1, cfg.max_new_tokens, greedy=True)
+        for i in range(0, len(prompts), rows_per_call):
+            with autocast(model, precision):
+                rollouts = sample_completions(model, tokenizer, prompts[i:i + rows_per_call], 1, cfg.max_new_tokens,
+                                              greedy=True)
             greedy_texts += rollouts.texts
             greedy_lengths += rollouts.completion_mask.sum(-1).tolist()
-        greedy_correct = [math_reward(text, p.answer) for text, p in zip(greedy_texts, problems)]
+        greedy_correct = [reward_fn(text, p.answer) for text, p in zip(greedy_texts, problems)]
 
         n = cfg.eval_samples
+        chunk = max(1, rows_per_call // n)
         pass_1, pass_k, distinct, distinct_correct, distinct_2, sample_lengths = [], [], [], [], [], []
         first_samples = []  # (text, reward) of each problem's first sample, for the examples shown
         for i in range(0, len(prompts), chunk):
-            rollouts = sample_completions(model, tokenizer, prompts[i:i + chunk], n, cfg.max_new_tokens,
-                                          temperature=cfg.eval_temperature, top_p=cfg.eval_top_p)
-            rewards = score(rollouts, problems[i:i + chunk], n)
+            with autocast(model, precision):
+                rollouts = sample_completions(model, tokenizer, prompts[i:i + chunk], n, cfg.max_new_tokens,
+                                              temperature=cfg.eval_temperature, top_p=cfg.eval_top_p)
+            rewards = score(rollouts.texts, problems[i:i + chunk], n, reward_fn)
             sample_lengths += rollouts.completion_mask.sum(-1).tolist()
             for g in range(len(rollouts.texts) // n):
                 group = slice(g * n, (g + 1) * n)
@@ -893,15 +1265,7 @@ def evaluate(model, tokenizer, problems: list[Problem], cfg: Config, step: int, 
                 token_lists = [ids[mask.bool()].tolist() for ids, mask in
                                zip(rollouts.completion_ids[group], rollouts.completion_mask[group])]
                 distinct_2.append(distinct_n(token_lists, 2))
-
-        if show:
-            print(f"\nHeld-out examples at step {step}:")
-            for problem, text, correct, (sample, sample_correct) in list(
-                    zip(problems, greedy_texts, greedy_correct, first_samples))[:show]:
-                print(f"  Q: {problem.question}  (answer {problem.answer})\n"
-                      f"     greedy  (reward {correct:.0f}): {text.strip()[:300]!r}\n"
-                      f"     sampled (reward {sample_correct:.0f}): {sample.strip()[:300]!r}")
-        return {
+        record = {
             "split": "eval", "step": step, "algo": cfg.algo,
             "greedy_accuracy": float(np.mean(greedy_correct)),
             "pass@1": float(np.mean(pass_1)),
@@ -911,18 +1275,42 @@ def evaluate(model, tokenizer, problems: list[Problem], cfg: Config, step: int, 
             "distinct_2": float(np.mean(distinct_2)),
             "greedy_length_mean": float(np.mean(greedy_lengths)),
             "sample_length_mean": float(np.mean(sample_lengths)),
-            "eval_seconds": time.perf_counter() - start,
             "samples_per_prompt": n,
             "examples": [{"question": p.question, "answer": p.answer, "greedy": t, "sampled": s}
                          for p, t, (s, _) in list(zip(problems, greedy_texts, first_samples))[:show]],
         }
+
+        if probe_problems:
+            draws = {"held_out": problems[:len(probe_problems)], "train": probe_problems}
+            counted = {name: sample_answers(model, tokenizer, subset, cfg, reward_fn, precision)
+                       for name, subset in draws.items()}
+            if step0_answers is None:
+                step0_answers = counted
+                counted = {name: sample_answers(model, tokenizer, subset, cfg, reward_fn, precision)
+                           for name, subset in draws.items()}
+            for name in draws:
+                record.update(distribution_metrics(counted[name], step0_answers[name], name))
+            record["dist_samples"] = cfg.dist_samples
+            record["histogram"] = {"question": probe_problems[0].question, **counted["train"][0]}
+        record["eval_seconds"] = time.perf_counter() - start
+
+    if show:
+        print(f"\nHeld-out examples at step {step}:")
+        for example, correct, (_, sample_correct) in zip(record["examples"], greedy_correct, first_samples):
+            print(f"  Q: {example['question']}  (answer {example['answer']})\n"
+                  f"     greedy  (reward {correct:.0f}): {example['greedy'].strip()[:300]!r}\n"
+                  f"     sampled (reward {sample_correct:.0f}): {example['sampled'].strip()[:300]!r}")
+        if "histogram" in record:
+            print_histogram(record["histogram"]["question"], record["histogram"], cfg.temperature, step)
+    return record, step0_answers
 
 
 def print_summary(before: dict, after: dict) -> None:
     keys = [k for k in before if isinstance(before[k], float) and k != "eval_seconds"]
     print(f"\n{'held-out':<28}{'step ' + str(before['step']):>12}{'step ' + str(after['step']):>12}")
     for key in keys:
-        print(f"{key:<28}{before[key]:>12.3f}{after[key]:>12.3f}")
+        if isinstance(after.get(key), float):
+            print(f"{key:<28}{before[key]:>12.3f}{after[key]:>12.3f}")
 
 
 # =====================================================================================================

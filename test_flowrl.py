@@ -341,6 +341,28 @@ def test_forward_log_probs_match_the_sampler(tiny):
     assert torch.allclose(logprobs, sampler_logprobs, atol=1e-4)
 
 
+def test_shared_prompt_pass_equals_one_pass_per_row(tiny):
+    """Each prompt once + its G completions on a copy of its KV cache == prompt + completion for every row:
+    same log-probs, same log Z, same gradients (left padding included)."""
+    model, tokenizer = tiny
+    torch.manual_seed(0)
+    rollouts = flowrl.sample_completions(model, tokenizer, ["What is 1 + 2?", "Hi"], 3, max_new_tokens=5)
+    assert (rollouts.attention_mask[:, :rollouts.prompt_length] == 0).any()   # one prompt is left-padded
+    head = LogZHead(model.config.hidden_size, dropout=0.0)
+    results = []
+    for group_size in (3, 1):
+        model.zero_grad()
+        head.zero_grad()
+        logprobs, log_z = token_logprobs_and_log_z(model, rollouts.input_ids, rollouts.attention_mask,
+                                                   rollouts.prompt_length, 1.0, head, group_size=group_size)
+        ((logprobs * rollouts.completion_mask).sum() + log_z.pow(2).sum()).backward()
+        results.append((logprobs.detach(), log_z.detach(), model.lm_head.weight.grad.clone(),
+                        head.mlp[0].weight.grad.clone()))
+    model.zero_grad()
+    for shared, single in zip(*results):
+        assert torch.allclose(shared, single, atol=1e-5)
+
+
 def test_sample_completions_groups_and_truncation(tiny):
     model, tokenizer = tiny
     torch.manual_seed(0)
@@ -569,3 +591,275 @@ def test_real_model_generates_and_takes_one_flowrl_step(tmp_path):
     # a GGUF-loaded model is saved as a normal Hugging Face folder
     reloaded = AutoModelForCausalLM.from_pretrained(os.path.join(cfg.output_dir, "checkpoint"))
     assert reloaded.config.hidden_size == 576
+
+
+# ------------------------------------------------------------------------------------------------------
+# Exactly pi_theta: the sampler's distribution, the model's own logits, the Qwen path
+# ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("temperature, top_p", [(0.7, 1.0), (0.6, 0.95)])
+def test_sampler_draws_from_softmax_of_logits_over_temperature_whatever_the_model_config(tiny_model_dir, temperature,
+                                                                                           top_p):
+    """The model's generation_config asks for every distribution-changing option; the sampler must ignore them
+    all: the scores generate() samples from are logits / T (with top-p: the same, outside the nucleus -inf),
+    and the training pass scores the sampled tokens with the same log-probs."""
+    model, tokenizer = flowrl.load_model_and_tokenizer(tiny_model_dir)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30.0)   # spread the logits so that any processor visibly changes them
+    model.generation_config.update(do_sample=True, temperature=0.3, top_k=3, top_p=0.5, min_p=0.2, typical_p=0.5,
+                                   repetition_penalty=3.0, no_repeat_ngram_size=1, bad_words_ids=[[5]],
+                                   suppress_tokens=[6], epsilon_cutoff=0.01, min_new_tokens=3)
+    generate, captured = model.generate, {}
+
+    def generate_and_keep_scores(*args, **kwargs):
+        out = generate(*args, **kwargs, output_scores=True, output_logits=True, return_dict_in_generate=True)
+        captured.update(scores=torch.stack(out.scores, 1), logits=torch.stack(out.logits, 1))
+        return out.sequences
+    model.generate = generate_and_keep_scores
+    torch.manual_seed(0)
+    rollouts = flowrl.sample_completions(model, tokenizer, ["What is 1 + 1?", "Hi"], 4, max_new_tokens=5,
+                                         temperature=temperature, top_p=top_p)
+    scores, logits = captured["scores"], captured["logits"]                         # [B, T, V]
+    expected = logits / temperature
+    finite = torch.isfinite(scores)
+    if top_p == 1.0:
+        assert finite.all()
+    assert torch.allclose(scores[finite], expected[finite], atol=1e-4)
+    if top_p == 1.0:   # the training pass gives the sampled tokens the sampler's log-probs
+        with torch.no_grad():
+            logprobs, _ = token_logprobs_and_log_z(model, rollouts.input_ids, rollouts.attention_mask,
+                                                   rollouts.prompt_length, temperature)
+        sampler = torch.log_softmax(expected, -1).gather(-1, rollouts.completion_ids.unsqueeze(-1)).squeeze(-1)
+        mask = rollouts.completion_mask.bool()
+        assert torch.allclose(logprobs[mask], sampler[mask], atol=1e-4)
+    assert model.generation_config.repetition_penalty == 3.0   # the model's own config is left as it was
+
+
+def soft_capped_models():
+    from transformers import CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM, GraniteConfig, \
+        GraniteForCausalLM
+    shared = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)
+    return {
+        "gemma2": lambda: Gemma2ForCausalLM(Gemma2Config(**shared, head_dim=8, final_logit_softcapping=0.02,
+                                                         attn_logit_softcapping=None)),
+        "cohere": lambda: CohereForCausalLM(CohereConfig(**shared, logit_scale=7.0)),
+        "granite": lambda: GraniteForCausalLM(GraniteConfig(**shared, logits_scaling=0.1)),
+    }
+
+
+@pytest.mark.parametrize("architecture", ["gemma2", "cohere", "granite"])
+def test_log_probs_are_the_models_own_logits(architecture):
+    """Models that post-process the LM head's output (soft-capping, logit scales) are scored as their
+    forward computes them."""
+    torch.manual_seed(0)
+    model = soft_capped_models()[architecture]().eval()
+    input_ids = torch.randint(1, 64, (3, 9))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, :2] = 0     # left padding
+    prompt_length, temperature = 5, 0.8
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logprobs, _ = token_logprobs_and_log_z(model, input_ids, attention_mask, prompt_length, temperature)
+        reference = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).logits
+    expected = torch.log_softmax(reference[:, prompt_length - 1:-1] / temperature, -1)
+    expected = expected.gather(-1, input_ids[:, prompt_length:].unsqueeze(-1)).squeeze(-1)
+    assert torch.allclose(logprobs, expected, atol=1e-5)
+    raw_head = torch.log_softmax(model.lm_head(model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                                                   position_ids=positions).last_hidden_state), -1)
+    assert not torch.allclose(raw_head[:, prompt_length - 1:-1].max(-1).values,
+                              torch.log_softmax(reference[:, prompt_length - 1:-1], -1).max(-1).values, atol=1e-3)
+
+
+@pytest.mark.parametrize("garbage", [float("nan"), float("inf")])
+def test_log_z_head_ignores_non_finite_values_under_padding(garbage):
+    torch.manual_seed(0)
+    head = LogZHead(16).eval()
+    hidden = torch.randn(1, 4, 16)
+    padded = torch.cat([torch.full((1, 3, 16), garbage), hidden], dim=1)
+    out = head(padded, torch.tensor([[0, 0, 0, 1, 1, 1, 1]]))
+    assert torch.isfinite(out).all()
+    assert torch.allclose(out, head(hidden, torch.ones(1, 4)), atol=1e-5)
+
+
+QWEN_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+                 "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+                 "{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_dir(tmp_path_factory):
+    """A random Qwen2 (q/k/v bias, grouped-query attention, tied embeddings) with Qwen2.5-Instruct's layout of
+    special tokens (eos <|im_end|>, pad <|endoftext|>, both ending a response), its chat template and its
+    sampling defaults in generation_config."""
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(0)
+    tokenizer = make_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]})
+    tokenizer.eos_token, tokenizer.pad_token, tokenizer.bos_token = "<|im_end|>", "<|endoftext|>", None
+    tokenizer.chat_template = QWEN_TEMPLATE
+    im_end, end_of_text = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True, bos_token_id=None, eos_token_id=end_of_text, pad_token_id=end_of_text)
+    model = Qwen2ForCausalLM(config)
+    assert model.model.layers[0].self_attn.q_proj.bias is not None
+    model.generation_config = GenerationConfig(bos_token_id=None, eos_token_id=[im_end, end_of_text],
+                                               pad_token_id=end_of_text, do_sample=True, temperature=0.7, top_p=0.8,
+                                               top_k=20, repetition_penalty=1.05)
+    path = tmp_path_factory.mktemp("tiny-qwen")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def test_qwen_architecture_trains_saves_and_resumes_through_the_cli(tiny_qwen_dir, tmp_path):
+    model, tokenizer = flowrl.load_model_and_tokenizer(tiny_qwen_dir)
+    assert set(flowrl.eos_token_ids(model, tokenizer)) == set(tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"]))
+    assert flowrl.format_prompt(tokenizer, "Hi?") == "<|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\n"
+    output_dir = str(tmp_path / "qwen")
+    flags = ["--model", tiny_qwen_dir, "--output-dir", output_dir, "--prompts-per-step", "2", "--group-size", "4",
+             "--max-new-tokens", "6", "--micro-batch-size", "3", "--operations", "+", "--max-operand", "3",
+             "--eval-size", "4", "--eval-samples", "2", "--pass-k", "2", "--dist-prompts", "1", "--dist-samples", "4",
+             "--show-examples", "0", "--lr", "1e-3", "--updates-per-batch", "2"]
+    flowrl.main(flags + ["--steps", "1"])
+    flowrl.main(["--resume", output_dir, "--steps", "2"])
+    records = read_metrics(output_dir)
+    assert [r["step"] for r in records if r["split"] == "train"] == [1, 2]
+    assert all(math.isfinite(r["loss"]) and r["skipped_updates"] == 0 for r in records if r["split"] == "train")
+    saved = os.path.join(output_dir, "checkpoint")
+    assert torch.load(os.path.join(saved, "trainer_state.pt"), weights_only=False)["step"] == 2
+    reloaded, _ = flowrl.load_model_and_tokenizer(saved)
+    assert type(reloaded).__name__ == "Qwen2ForCausalLM"
+    assert reloaded.generation_config.repetition_penalty == 1.05   # the model's own settings are kept, not used
+
+
+def test_hub_short_name_offline_is_one_clear_error():
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"
+    assert flowrl.model_sources("Qwen2.5-0.5B") == [("Qwen/Qwen2.5-0.5B", None)]
+    with pytest.raises(SystemExit) as error:
+        flowrl.load_model_and_tokenizer("Qwen2.5-0.5B")
+    message = str(error.value)
+    assert message.startswith("error: could not load model 'Qwen2.5-0.5B'") and "Qwen/Qwen2.5-0.5B" in message
+    assert "Traceback" not in message
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a torch that sees no GPU")
+def test_device_cuda_without_a_gpu_is_one_clear_line(tiny_model_dir, tmp_path):
+    with pytest.raises(SystemExit) as error:
+        flowrl.main(["--model", tiny_model_dir, "--device", "cuda", "--output-dir", str(tmp_path / "run")])
+    message = str(error.value)
+    assert message.startswith("error: --device cuda: ") and "\n" not in message
+    assert not os.path.exists(tmp_path / "run")
+
+
+# ------------------------------------------------------------------------------------------------------
+# Data parallel (torchrun): two processes, gloo, one update == one process on the whole batch
+# ------------------------------------------------------------------------------------------------------
+def update_setup(tiny_model_dir, batch):
+    """The tiny policy, a dropout-free log Z head and plain SGD (lr 1: the step IS the averaged, clipped gradient)."""
+    policy, _ = flowrl.load_model_and_tokenizer(tiny_model_dir)
+    torch.manual_seed(0)
+    head = LogZHead(policy.config.hidden_size, dropout=0.0)
+    optimizer = torch.optim.SGD(list(policy.parameters()) + list(head.parameters()), lr=1.0)
+    cfg = Config(model=tiny_model_dir, group_size=4, micro_batch_size=4, updates_per_batch=1, beta=2.0)
+    return policy, head, optimizer, cfg
+
+
+def rows_of(rollouts, rows):
+    return flowrl.Rollouts(input_ids=rollouts.input_ids[rows], attention_mask=rollouts.attention_mask[rows],
+                           prompt_length=rollouts.prompt_length, completion_mask=rollouts.completion_mask[rows],
+                           truncated=rollouts.truncated[rows], texts=rollouts.texts[rows])
+
+
+def distributed_update_worker(rank, world_size, port, tiny_model_dir, batch_path, result_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank))
+    rank, world_size, _ = flowrl.init_distributed("cpu")
+    batch = torch.load(batch_path, weights_only=False)
+    policy, head, optimizer, cfg = update_setup(tiny_model_dir, batch)
+    share = len(batch["rollouts"].texts) // world_size
+    rows = slice(rank * share, (rank + 1) * share)
+    flowrl.policy_update(policy, head, optimizer, rows_of(batch["rollouts"], rows), batch["reward_hat"][rows],
+                         batch["ref_logprobs"][rows], None, cfg, "fp32", world_size)
+    if rank == 0:
+        torch.save({"policy": policy.state_dict(), "head": head.state_dict()}, result_path)
+    flowrl.dist.destroy_process_group()
+
+
+def test_two_processes_make_the_same_update_as_one(tiny, tiny_model_dir, tmp_path):
+    import socket
+    model, tokenizer = tiny
+    torch.manual_seed(0)
+    rollouts = flowrl.sample_completions(model, tokenizer, ["What is 1 + 2?", "What is 3 + 0?"], 4, max_new_tokens=5)
+    batch = {"rollouts": rollouts, "reward_hat": group_normalize(torch.tensor([1., 0, 0, 1, 0, 1, 1, 1]), 4),
+             "ref_logprobs": flowrl.batched_token_logprobs(model, rollouts, 1.0, 8) - 0.1}
+    batch_path = tmp_path / "batch.pt"
+    torch.save(batch, batch_path)
+
+    policy, head, optimizer, cfg = update_setup(tiny_model_dir, batch)
+    before = {name: p.detach().clone() for name, p in policy.named_parameters()}
+    flowrl.policy_update(policy, head, optimizer, rollouts, batch["reward_hat"], batch["ref_logprobs"], None, cfg)
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(distributed_update_worker, nprocs=2,
+                                args=(2, port, tiny_model_dir, str(batch_path), str(tmp_path / "result.pt")))
+    result = torch.load(tmp_path / "result.pt", weights_only=False)
+    moved = 0
+    for name, param in policy.named_parameters():
+        assert torch.allclose(result["policy"][name], param.detach(), atol=1e-6), name
+        moved += int(not torch.equal(param.detach(), before[name]))
+    assert moved == len(before)     # every weight took a step: the comparison is not of untouched weights
+    for name, param in head.state_dict().items():
+        assert torch.allclose(result["head"][name], param, atol=1e-6), name
+
+
+# ------------------------------------------------------------------------------------------------------
+# The pick task and the answer-distribution metrics
+# ------------------------------------------------------------------------------------------------------
+def test_pick_task_split_is_fixed_and_disjoint_and_every_problem_has_several_answers():
+    train, held_out = flowrl.pick_problems(50, split_seed=0)
+    assert (train, held_out) == flowrl.pick_problems(50, split_seed=0)
+    assert not {p.question for p in train} & {p.question for p in held_out}
+    for problem in train + held_out:
+        listed = problem.question.split("that is not ")[1].split(".")[0].replace(" or", ",").split(", ")
+        valid = problem.answer.split(", ")
+        assert len(valid) >= 4 and not set(listed) & set(valid)
+        assert sorted(map(int, listed + valid)) == list(range(1, 11))
+
+
+@pytest.mark.parametrize("completion, reward", [
+    ("5", 1.0), ("I pick 10.", 1.0), (r"\boxed{7}", 1.0), ("5.0", 1.0),
+    ("2", 0.0),                 # excluded
+    ("11", 0.0), ("0", 0.0),     # out of range
+    ("5.5", 0.0), ("", 0.0), ("five", 0.0),
+    ("Not 2, 4 or 6: so 3", 1.0), ("3 is not 2, 4 or 6", 0.0),   # the LAST number is the answer
+])
+def test_pick_reward(completion, reward):
+    assert flowrl.pick_reward(completion, "1, 3, 5, 7, 8, 9, 10") == reward
+
+
+def test_entropy_and_smoothed_kl_hand_computed():
+    assert flowrl.entropy({"1": 1, "3": 1, "5": 2}) == pytest.approx(-(2 * 0.25 * math.log(0.25) + 0.5 * math.log(0.5)))
+    # p = {1: 3, 3: 1}, q = {1: 1, 5: 1}: support {1, 3, 5}, +1/2 each: p = (3.5, 1.5, 0.5)/5.5, q = (1.5, 0.5, 1.5)/3.5
+    p, q = [3.5 / 5.5, 1.5 / 5.5, 0.5 / 5.5], [1.5 / 3.5, 0.5 / 3.5, 1.5 / 3.5]
+    expected = sum(a * math.log(a / b) for a, b in zip(p, q))
+    assert flowrl.smoothed_kl({"1": 3, "3": 1}, {"1": 1, "5": 1}) == pytest.approx(expected)
+    assert flowrl.smoothed_kl({"1": 3}, {}) is None
+
+
+def test_distribution_metrics_on_hand_made_samples():
+    # two prompts, 4 samples each; prompt 2 has no correct answer now, so its KL is skipped
+    now = [{"answers": {"3": 2, "7": 1, "2": 1}, "correct": {"3": 2, "7": 1}},
+           {"answers": {"2": 4}, "correct": {}}]
+    step0 = [{"answers": {"3": 1, "7": 1, "2": 2}, "correct": {"3": 1, "7": 1}},
+             {"answers": {"5": 2, "2": 2}, "correct": {"5": 2}}]
+    metrics = flowrl.distribution_metrics(now, step0, "held_out")
+    assert metrics["held_out_validity"] == pytest.approx((3 / 4 + 0) / 2)
+    assert metrics["held_out_distinct_correct"] == pytest.approx((2 + 0) / 2)
+    assert metrics["held_out_entropy"] == pytest.approx(flowrl.entropy({"3": 2, "7": 1}) / 2)
+    assert metrics["held_out_kl_to_step0"] == pytest.approx(flowrl.smoothed_kl({"3": 2, "7": 1}, {"3": 1, "7": 1}))
+    assert metrics["held_out_kl_prompts"] == 1
+    collapsed = flowrl.distribution_metrics([{"answers": {"3": 4}, "correct": {"3": 4}}], step0[:1], "x")
+    assert collapsed["x_entropy"] == 0.0 and collapsed["x_kl_to_step0"] > metrics["held_out_kl_to_step0"]
