@@ -247,7 +247,7 @@ def pick_problems(eval_size: int, split_seed: int, high: int = 10) -> tuple[list
     (330, True)
     """
     problems = []
-    for excluded_count in (3, 4):
+    for excluded_count in (5, 6):
         for excluded in itertools.combinations(range(1, high + 1), excluded_count):
             listed = ", ".join(map(str, excluded[:-1])) + f" or {excluded[-1]}"
             valid = [n for n in range(1, high + 1) if n not in excluded]
