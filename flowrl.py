@@ -48,6 +48,7 @@ Where this file departs from the paper or from the official code (verl fork, `co
 import argparse
 import collections
 import copy
+import ctypes
 import dataclasses
 import datetime
 import importlib.util
@@ -59,6 +60,7 @@ import random
 import re
 import resource
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -103,7 +105,7 @@ class Config:
     updates_per_batch: int = field(default=1, metadata={"help": (
         "optimiser updates (mini-batches) per rollout batch (paper: 16). With 1, pi_old is the current "
         "policy, w = 1 and no extra forward pass is made")})
-    micro_batch_size: int = field(default=16, metadata={"help": (
+    micro_batch_size: int = field(default=8, metadata={"help": (
         "sequences per forward pass, whole groups when it holds one (they share their prompt's pass); "
         "sets peak memory")})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory (GPU)"})
@@ -796,6 +798,25 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def keep_freed_memory(device: torch.device) -> None:
+    """On a Linux CPU, stop glibc's malloc from handing freed memory back to the kernel.
+
+    By default every block over 32 MB (a micro-batch of logits is hundreds of MB) is mmap-ed on allocation and
+    unmapped on free, so the next step pays for zeroing it again, page by page: tens of millions of page faults
+    in a run. Keeping freed memory in the process makes a step of the TRL benchmark workload (README) about 30%
+    faster, for a higher resident peak. GPU memory has its own caching allocator and is not affected.
+    """
+    if device.type != "cpu" or not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:          # not glibc (e.g. musl): leave the allocator as it is
+        return
+    m_trim_threshold, m_mmap_max = -1, -4                                    # from <malloc.h>
+    libc.mallopt(m_mmap_max, 0)                   # large blocks come from the heap too ...
+    libc.mallopt(m_trim_threshold, 2**31 - 1)     # ... and freed heap memory stays for the next step
+
+
 def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
     """(rank, world_size, device). Under torchrun (WORLD_SIZE > 1) this joins the process group: nccl with one
     GPU per process (LOCAL_RANK), gloo on CPUs. A plain `python flowrl.py` is rank 0 of 1."""
@@ -1027,6 +1048,7 @@ def train(cfg: Config) -> dict:
         raise ValueError(f"{len(train_problems)} training problems, fewer than --prompts-per-step")
     reward_fn = reward_function(cfg)
     precision = resolve_precision(cfg.precision, device)
+    keep_freed_memory(device)
     torch.manual_seed(cfg.seed)
     data_rng = random.Random(cfg.seed)  # the same on every process: all draw the same prompts, each takes its share
 

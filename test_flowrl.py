@@ -596,39 +596,55 @@ def test_real_model_generates_and_takes_one_flowrl_step(tmp_path):
 # ------------------------------------------------------------------------------------------------------
 # Exactly pi_theta: the sampler's distribution, the model's own logits, the Qwen path
 # ------------------------------------------------------------------------------------------------------
+def sample_keeping_scores(model, tokenizer, prompts, samples_per_prompt, **kwargs):
+    """sample_completions, keeping the scores generate() sampled from and the model's raw logits, [B, T, V]."""
+    generate, captured = model.generate, {}
+
+    def generate_and_keep_scores(*args, **generate_kwargs):
+        out = generate(*args, **generate_kwargs, output_scores=True, output_logits=True, return_dict_in_generate=True)
+        captured.update(scores=torch.stack(out.scores, 1), logits=torch.stack(out.logits, 1))
+        return out.sequences
+    model.generate = generate_and_keep_scores
+    try:
+        rollouts = flowrl.sample_completions(model, tokenizer, prompts, samples_per_prompt, **kwargs)
+    finally:
+        del model.generate
+    return rollouts, captured["scores"], captured["logits"]
+
+
+def assert_sampled_from_softmax_over_temperature(scores, logits, temperature, top_p):
+    """The scores are logits / T, and -inf exactly outside the top-p nucleus of softmax(logits / T) (the
+    smallest set of most likely tokens whose probabilities sum to at least top_p)."""
+    expected = logits / temperature
+    sorted_logits, order = expected.sort(-1)
+    outside = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p
+    outside[..., -1] = False
+    nucleus = torch.ones_like(outside).scatter(-1, order, ~outside)
+    assert torch.equal(torch.isfinite(scores), nucleus)
+    assert torch.allclose(scores[nucleus], expected[nucleus], atol=1e-4)
+
+
 @pytest.mark.parametrize("temperature, top_p", [(0.7, 1.0), (0.6, 0.95)])
 def test_sampler_draws_from_softmax_of_logits_over_temperature_whatever_the_model_config(tiny_model_dir, temperature,
                                                                                            top_p):
     """The model's generation_config asks for every distribution-changing option; the sampler must ignore them
-    all: the scores generate() samples from are logits / T (with top-p: the same, outside the nucleus -inf),
-    and the training pass scores the sampled tokens with the same log-probs."""
+    all, and the training pass must score the sampled tokens with the sampler's log-probs."""
     model, tokenizer = flowrl.load_model_and_tokenizer(tiny_model_dir)
     with torch.no_grad():
         model.lm_head.weight.mul_(30.0)   # spread the logits so that any processor visibly changes them
     model.generation_config.update(do_sample=True, temperature=0.3, top_k=3, top_p=0.5, min_p=0.2, typical_p=0.5,
                                    repetition_penalty=3.0, no_repeat_ngram_size=1, bad_words_ids=[[5]],
                                    suppress_tokens=[6], epsilon_cutoff=0.01, min_new_tokens=3)
-    generate, captured = model.generate, {}
-
-    def generate_and_keep_scores(*args, **kwargs):
-        out = generate(*args, **kwargs, output_scores=True, output_logits=True, return_dict_in_generate=True)
-        captured.update(scores=torch.stack(out.scores, 1), logits=torch.stack(out.logits, 1))
-        return out.sequences
-    model.generate = generate_and_keep_scores
     torch.manual_seed(0)
-    rollouts = flowrl.sample_completions(model, tokenizer, ["What is 1 + 1?", "Hi"], 4, max_new_tokens=5,
-                                         temperature=temperature, top_p=top_p)
-    scores, logits = captured["scores"], captured["logits"]                         # [B, T, V]
-    expected = logits / temperature
-    finite = torch.isfinite(scores)
-    if top_p == 1.0:
-        assert finite.all()
-    assert torch.allclose(scores[finite], expected[finite], atol=1e-4)
+    rollouts, scores, logits = sample_keeping_scores(model, tokenizer, ["What is 1 + 1?", "Hi"], 4, max_new_tokens=5,
+                                                     temperature=temperature, top_p=top_p)
+    assert_sampled_from_softmax_over_temperature(scores, logits, temperature, top_p)
     if top_p == 1.0:   # the training pass gives the sampled tokens the sampler's log-probs
         with torch.no_grad():
             logprobs, _ = token_logprobs_and_log_z(model, rollouts.input_ids, rollouts.attention_mask,
                                                    rollouts.prompt_length, temperature)
-        sampler = torch.log_softmax(expected, -1).gather(-1, rollouts.completion_ids.unsqueeze(-1)).squeeze(-1)
+        sampler = torch.log_softmax(logits / temperature, -1)
+        sampler = sampler.gather(-1, rollouts.completion_ids.unsqueeze(-1)).squeeze(-1)
         mask = rollouts.completion_mask.bool()
         assert torch.allclose(logprobs[mask], sampler[mask], atol=1e-4)
     assert model.generation_config.repetition_penalty == 3.0   # the model's own config is left as it was
@@ -716,6 +732,10 @@ def test_qwen_architecture_trains_saves_and_resumes_through_the_cli(tiny_qwen_di
     model, tokenizer = flowrl.load_model_and_tokenizer(tiny_qwen_dir)
     assert set(flowrl.eos_token_ids(model, tokenizer)) == set(tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"]))
     assert flowrl.format_prompt(tokenizer, "Hi?") == "<|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\n"
+    torch.manual_seed(0)   # Qwen's Instruct sampling defaults (top-k 20, top-p 0.8, repetition penalty) are not applied
+    _, scores, logits = sample_keeping_scores(model, tokenizer, [flowrl.format_prompt(tokenizer, "What is 1 + 2?")], 4,
+                                              max_new_tokens=4, temperature=1.0)
+    assert_sampled_from_softmax_over_temperature(scores, logits, 1.0, 1.0)
     output_dir = str(tmp_path / "qwen")
     flags = ["--model", tiny_qwen_dir, "--output-dir", output_dir, "--prompts-per-step", "2", "--group-size", "4",
              "--max-new-tokens", "6", "--micro-batch-size", "3", "--operations", "+", "--max-operand", "3",
@@ -863,3 +883,35 @@ def test_distribution_metrics_on_hand_made_samples():
     assert metrics["held_out_kl_prompts"] == 1
     collapsed = flowrl.distribution_metrics([{"answers": {"3": 4}, "correct": {"3": 4}}], step0[:1], "x")
     assert collapsed["x_entropy"] == 0.0 and collapsed["x_kl_to_step0"] > metrics["held_out_kl_to_step0"]
+
+
+def distributed_main_worker(rank, world_size, port, argv):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank))
+    flowrl.main(argv)
+
+
+def test_two_processes_train_log_save_and_resume_through_the_cli(tiny_model_dir, tmp_path):
+    """What torchrun --nproc_per_node=2 does, with gloo: one metrics line per step (rank 0 alone logs, evaluates
+    and saves), and a resumed run continues the saved one."""
+    import socket
+
+    def free_port():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+    output_dir = str(tmp_path / "ddp")
+    flags = ["--model", tiny_model_dir, "--output-dir", output_dir, "--prompts-per-step", "2", "--group-size", "4",
+             "--max-new-tokens", "6", "--micro-batch-size", "4", "--operations", "+", "--max-operand", "3",
+             "--eval-size", "4", "--eval-samples", "2", "--pass-k", "2", "--show-examples", "0", "--lr", "1e-3",
+             "--log-rollouts"]
+    torch.multiprocessing.spawn(distributed_main_worker, nprocs=2, args=(2, free_port(), flags + ["--steps", "2"]))
+    torch.multiprocessing.spawn(distributed_main_worker, nprocs=2,
+                                args=(2, free_port(), ["--resume", output_dir, "--steps", "3"]))
+    records = read_metrics(output_dir)
+    assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3]
+    assert [r["step"] for r in records if r["split"] == "eval"] == [0, 2, 2, 3]   # start and end of each run
+    with open(os.path.join(output_dir, "rollouts.jsonl")) as f:
+        assert len(f.readlines()) == 3 * 2 * 4      # both processes' completions, logged once
+    state = torch.load(os.path.join(output_dir, "checkpoint", "trainer_state.pt"), weights_only=False)
+    assert state["step"] == 3
