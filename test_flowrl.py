@@ -806,8 +806,14 @@ def distributed_update_worker(rank, world_size, port, tiny_model_dir, batch_path
     flowrl.dist.destroy_process_group()
 
 
-def test_two_processes_make_the_same_update_as_one(tiny, tiny_model_dir, tmp_path):
+def free_port() -> int:
     import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_make_the_same_update_as_one(tiny, tiny_model_dir, tmp_path):
     model, tokenizer = tiny
     torch.manual_seed(0)
     rollouts = flowrl.sample_completions(model, tokenizer, ["What is 1 + 2?", "What is 3 + 0?"], 4, max_new_tokens=5)
@@ -820,9 +826,7 @@ def test_two_processes_make_the_same_update_as_one(tiny, tiny_model_dir, tmp_pat
     before = {name: p.detach().clone() for name, p in policy.named_parameters()}
     flowrl.policy_update(policy, head, optimizer, rollouts, batch["reward_hat"], batch["ref_logprobs"], None, cfg)
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     torch.multiprocessing.spawn(distributed_update_worker, nprocs=2,
                                 args=(2, port, tiny_model_dir, str(batch_path), str(tmp_path / "result.pt")))
     result = torch.load(tmp_path / "result.pt", weights_only=False)
@@ -894,12 +898,6 @@ def distributed_main_worker(rank, world_size, port, argv):
 def test_two_processes_train_log_save_and_resume_through_the_cli(tiny_model_dir, tmp_path):
     """What torchrun --nproc_per_node=2 does, with gloo: one metrics line per step (rank 0 alone logs, evaluates
     and saves), and a resumed run continues the saved one."""
-    import socket
-
-    def free_port():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
     output_dir = str(tmp_path / "ddp")
     flags = ["--model", tiny_model_dir, "--output-dir", output_dir, "--prompts-per-step", "2", "--group-size", "4",
              "--max-new-tokens", "6", "--micro-batch-size", "4", "--operations", "+", "--max-operand", "3",
