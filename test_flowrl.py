@@ -791,9 +791,14 @@ def rows_of(rollouts, rows):
                            truncated=rollouts.truncated[rows], texts=rollouts.texts[rows])
 
 
-def distributed_update_worker(rank, world_size, port, tiny_model_dir, batch_path, result_path):
+def set_torchrun_environment(rank, world_size, port):
+    """The variables torchrun sets for each process."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank))
+
+
+def distributed_update_worker(rank, world_size, port, tiny_model_dir, batch_path, result_path):
+    set_torchrun_environment(rank, world_size, port)
     rank, world_size, _ = flowrl.init_distributed("cpu")
     batch = torch.load(batch_path, weights_only=False)
     policy, head, optimizer, cfg = update_setup(tiny_model_dir, batch)
@@ -890,8 +895,7 @@ def test_distribution_metrics_on_hand_made_samples():
 
 
 def distributed_main_worker(rank, world_size, port, argv):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_RANK=str(rank))
+    set_torchrun_environment(rank, world_size, port)
     flowrl.main(argv)
 
 
