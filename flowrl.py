@@ -97,6 +97,9 @@ class Config:
     beta: float = field(default=15.0, metadata={"help": "reward scale beta in exp(beta r) (paper: 15)"})
     clip_eps: float = field(default=0.2, metadata={"help": "importance-weight / ratio clip eps (paper: 0.2)"})
     kl_coef: float = field(default=0.04, metadata={"help": "GRPO only: KL(pi||pi_ref) coefficient"})
+    length_normalize: bool = field(default=True, metadata={"help": (
+        "FlowRL only: Eq. 6's 1/|y| on the two log-likelihood terms; --no-length-normalize is the "
+        "paper's ablation (the whole sequence's log-ratio to pi_ref)")})
     # optimisation
     lr: float = field(default=3e-5, metadata={"help": (
         "policy learning rate (paper: 1e-6 for 7B/32B models; larger here for a 135M model and "
@@ -244,13 +247,13 @@ def arithmetic_problems(operations: str, min_operand: int, max_operand: int, eva
 
 
 def pick_problems(eval_size: int, split_seed: int, high: int = 10) -> tuple[list[Problem], list[Problem]]:
-    """Every "Pick a number from 1 to 10 that is not a, b or c." with 3 or 4 numbers excluded: 6 or 7 correct
-    answers each, checked by `pick_reward`. The excluded numbers change from prompt to prompt, so no single
+    """Every "Pick a number from 1 to 10 that is not a, b, c, d or e." with 5 or 6 numbers excluded: 5 or 4
+    correct answers each, checked by `pick_reward`. The excluded numbers change from prompt to prompt, so no single
     answer is right everywhere, and copying a number from the prompt is always wrong.
 
     >>> train, held_out = pick_problems(50, 0)
     >>> len(train) + len(held_out), held_out[0].question.startswith("Pick a number from 1 to 10")
-    (330, True)
+    (462, True)
     """
     problems = []
     for excluded_count in (5, 6):
@@ -655,16 +658,17 @@ def token_logprobs_and_log_z(model, input_ids: torch.Tensor, attention_mask: tor
 
 def forward_passes(groups: torch.Tensor, group_size: int, micro_batch_size: int) -> list[tuple[torch.Tensor, int]]:
     """The rows of the given groups, cut into forward passes of at most micro_batch_size rows: (row indices, the
-    group size the pass can share prompts over). Whole groups per pass when micro_batch_size holds one, else
-    single rows with no sharing.
+    number of consecutive rows that share one prompt pass). Whole groups per pass when micro_batch_size holds
+    one, else equal parts of a group (the largest divisor of G that fits), which still share their prompt.
 
-    >>> forward_passes(torch.tensor([2, 0]), 2, 4), forward_passes(torch.tensor([1]), 2, 1)
-    ([(tensor([4, 5, 0, 1]), 2)], [(tensor([2]), 1), (tensor([3]), 1)])
+    >>> forward_passes(torch.tensor([2, 0]), 2, 4), forward_passes(torch.tensor([1]), 4, 3)
+    ([(tensor([4, 5, 0, 1]), 2)], [(tensor([4, 5]), 2), (tensor([6, 7]), 2)])
     """
     rows = (groups.unsqueeze(1) * group_size + torch.arange(group_size)).flatten()   # [len(groups) * G]
     if micro_batch_size >= group_size:
         return [(chunk, group_size) for chunk in rows.split(micro_batch_size // group_size * group_size)]
-    return [(chunk, 1) for chunk in rows.split(micro_batch_size)]
+    part = max(d for d in range(1, micro_batch_size + 1) if group_size % d == 0)
+    return [(chunk, part) for chunk in rows.split(part)]
 
 
 @torch.no_grad()
@@ -702,7 +706,7 @@ def group_normalize(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -
 
 def flowrl_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, old_logprobs: torch.Tensor,
                 log_z: torch.Tensor, reward_hat: torch.Tensor, completion_mask: torch.Tensor,
-                beta: float = 15.0, clip_eps: float = 0.2):
+                beta: float = 15.0, clip_eps: float = 0.2, length_normalize: bool = True):
     """Eq. 6, the final FlowRL objective (trajectory balance, length-normalised, importance-weighted):
 
         L = w * ( log Z_phi(x) + 1/|y| log pi_theta(y|x) - beta * r_hat(x,y) - 1/|y| log pi_ref(y|x) )^2
@@ -710,6 +714,7 @@ def flowrl_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, old_logprobs
 
     logprobs, ref_logprobs, old_logprobs: [B, T] per-token log-probs of the response under pi_theta,
     pi_ref and pi_old; completion_mask [B, T] is 1 on response tokens; log_z, reward_hat: [B].
+    length_normalize=False drops the 1/|y| (the paper's ablation: Eq. 4's sequence log-ratio, weighted).
     Returns (mean over the B sequences, stats of detached tensors).
 
     Worked example, one 2-token response: log pi_theta = log pi_ref = -1 per token, log Z = 0.5,
@@ -730,7 +735,8 @@ def flowrl_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, old_logprobs
     weight = clipped_log_ratio.exp()                                                      # w [B]
 
     # Length normalisation (1/|y|) applies to the two log-likelihood terms only, not to log Z or beta*r_hat.
-    residual = log_z + seq_logprob / length - beta * reward_hat - seq_ref_logprob / length  # [B]
+    normalizer = length if length_normalize else torch.ones_like(length)
+    residual = log_z + seq_logprob / normalizer - beta * reward_hat - seq_ref_logprob / normalizer  # [B]
     loss = (weight * residual.pow(2)).mean()
 
     stats = {
@@ -874,16 +880,22 @@ def find_checkpoint(path: str, required: bool = True) -> Optional[str]:
 def save_checkpoint(output_dir: str, model, tokenizer, log_z_head, optimizer, scheduler, step: int,
                     data_rng: random.Random, cfg: Config, step0_answers: Optional[dict]) -> str:
     """Write output_dir/checkpoint atomically: build checkpoint.tmp, then swap it in with renames, so an
-    interrupted save leaves the previous checkpoint intact."""
+    interrupted save leaves the previous checkpoint intact. A failed write (a full disk) removes the partial
+    checkpoint.tmp and raises an OSError that says which checkpoint is still there."""
     final, temporary, previous = (os.path.join(output_dir, name)
                                   for name in ("checkpoint", "checkpoint.tmp", "checkpoint.old"))
     shutil.rmtree(temporary, ignore_errors=True)
-    model.save_pretrained(temporary)
-    tokenizer.save_pretrained(temporary)
-    torch.save(log_z_head.state_dict(), os.path.join(temporary, "log_z_head.pt"))
-    torch.save({"step": step, "config": dataclasses.asdict(cfg), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "data_rng": data_rng.getstate(),
-                "step0_answers": step0_answers}, os.path.join(temporary, "trainer_state.pt"))
+    try:
+        model.save_pretrained(temporary)
+        tokenizer.save_pretrained(temporary)
+        torch.save(log_z_head.state_dict(), os.path.join(temporary, "log_z_head.pt"))
+        torch.save({"step": step, "config": dataclasses.asdict(cfg), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "data_rng": data_rng.getstate(),
+                    "step0_answers": step0_answers}, os.path.join(temporary, "trainer_state.pt"))
+    except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
+        shutil.rmtree(temporary, ignore_errors=True)
+        kept = f"the previous checkpoint {final} is intact" if os.path.isdir(final) else "no checkpoint was saved before"
+        raise OSError(f"could not write the step-{step} checkpoint ({error}); {kept}") from error
     if os.path.isdir(final):
         shutil.rmtree(previous, ignore_errors=True)
         os.rename(final, previous)
@@ -933,7 +945,8 @@ def policy_update(policy, log_z_head, optimizer, rollouts: Rollouts, reward_hat:
             mask = rollouts.completion_mask[rows]
             if cfg.algo == "flowrl":
                 loss, stats = flowrl_loss(logprobs, ref, old, log_z, reward_hat[rows], mask,
-                                          beta=cfg.beta, clip_eps=cfg.clip_eps)
+                                          beta=cfg.beta, clip_eps=cfg.clip_eps,
+                                          length_normalize=cfg.length_normalize)
                 per_sequence["residual"][rows.cpu()] = stats.pop("residual").float().cpu()
                 per_sequence["importance_weight"][rows.cpu()] = stats.pop("weight").float().cpu()
                 per_sequence["log_z"][rows.cpu()] = log_z.detach().float().cpu()
@@ -1363,7 +1376,7 @@ def main(argv: Optional[list] = None) -> None:
     try:
         cfg = config_from_argv(argv)
         train(cfg)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, OSError) as error:
         raise SystemExit(f"error: {error}") from None
 
 

@@ -5,6 +5,7 @@ Run: python -m pytest -q test_flowrl.py
 import json
 import math
 import os
+import re
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be downloaded during the tests
 
@@ -128,6 +129,12 @@ def test_group_normalize_rejects_groups_of_one():
         group_normalize(torch.tensor([1.0, 0.0]), 1)
 
 
+def test_docstring_examples_hold():
+    import doctest
+    result = doctest.testmod(flowrl)
+    assert result.attempted > 10 and result.failed == 0
+
+
 # ------------------------------------------------------------------------------------------------------
 # Eq. 6: the FlowRL loss
 # ------------------------------------------------------------------------------------------------------
@@ -162,6 +169,20 @@ def test_flowrl_loss_length_normalisation():
     loss_long, stats_long = flowrl_loss(long[0], long[1], long[0], completion_mask=torch.ones(1, 10), **kwargs)
     assert loss_long.item() == pytest.approx(loss_short.item(), rel=1e-6)
     assert stats_long["residual"].item() == pytest.approx(stats_short["residual"].item(), rel=1e-6)
+
+
+def test_flowrl_loss_without_length_normalisation_uses_the_sequence_log_ratio():
+    """--no-length-normalize (the paper's ablation): log Z + log pi_theta(y) - beta r_hat - log pi_ref(y)."""
+    logprobs = torch.tensor([[-1.0, -2.0, -9.0], [-0.5, -0.5, -0.5]])
+    ref_logprobs = torch.tensor([[-2.0, -2.0, -9.0], [-1.0, -1.0, -1.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    args = dict(log_z=torch.tensor([0.3, -0.2]), reward_hat=torch.tensor([1.0, -1.0]), beta=2.0)
+    loss, stats = flowrl_loss(logprobs, ref_logprobs, logprobs, completion_mask=mask, length_normalize=False, **args)
+    residual_1 = 0.3 + (-3.0) - 2.0 * 1.0 - (-4.0)                 # -0.7
+    residual_2 = -0.2 + (-1.5) + 2.0 - (-3.0)                      # 3.3
+    assert stats["residual"].tolist() == pytest.approx([residual_1, residual_2], rel=1e-5)
+    assert loss.item() == pytest.approx((residual_1 ** 2 + residual_2 ** 2) / 2, rel=1e-5)
+    assert flowrl.config_from_argv(["--no-length-normalize"]).length_normalize is False
 
 
 def test_flowrl_importance_weight_is_clipped_and_detached():
@@ -544,6 +565,27 @@ def test_interrupted_save_keeps_the_last_checkpoint(tiny_model_dir, tmp_path, mo
     assert torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)["step"] == 2
 
 
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"),
+                                     RuntimeError("PytorchStreamWriter failed writing file data/0")])
+def test_full_disk_is_one_clear_error_and_keeps_the_last_checkpoint(tiny_model_dir, tmp_path, monkeypatch,
+                                                                    failure):
+    cfg = tiny_config(tiny_model_dir, tmp_path / "run", steps=1)
+    flowrl.train(cfg)
+    checkpoint = os.path.join(cfg.output_dir, "checkpoint")
+    before = sorted(os.listdir(checkpoint))
+
+    def disk_full(*args, **kwargs):
+        raise failure
+    monkeypatch.setattr(flowrl.torch, "save", disk_full)
+    expected = "could not write the step-2 checkpoint .*" + re.escape(checkpoint) + " is intact"
+    with pytest.raises(SystemExit, match=expected):
+        flowrl.main(["--resume", cfg.output_dir, "--steps", "2"])
+    monkeypatch.undo()
+    assert sorted(os.listdir(cfg.output_dir)) == ["checkpoint", "config.json", "metrics.jsonl"]  # no partial .tmp
+    assert sorted(os.listdir(checkpoint)) == before
+    assert torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)["step"] == 1
+
+
 def test_save_interrupted_between_renames_resumes_from_the_previous_checkpoint(tiny_model_dir, tmp_path,
                                                                                monkeypatch):
     cfg = tiny_config(tiny_model_dir, tmp_path / "run", steps=1)
@@ -842,6 +884,27 @@ def test_two_processes_make_the_same_update_as_one(tiny, tiny_model_dir, tmp_pat
     assert moved == len(before)     # every weight took a step: the comparison is not of untouched weights
     for name, param in head.state_dict().items():
         assert torch.allclose(result["head"][name], param, atol=1e-6), name
+
+
+def test_micro_batch_size_does_not_change_the_update(tiny, tiny_model_dir):
+    """Whole groups per pass (8, 4), parts of a group sharing its prompt pass (2, and 3 -> parts of 2), single
+    rows (1): the same accumulated update."""
+    model, tokenizer = tiny
+    torch.manual_seed(0)
+    rollouts = flowrl.sample_completions(model, tokenizer, ["What is 1 + 2?", "Hi"], 4, max_new_tokens=5)
+    reward_hat = group_normalize(torch.tensor([1., 0, 0, 1, 0, 1, 1, 1]), 4)
+    ref_logprobs = flowrl.batched_token_logprobs(model, rollouts, 1.0, 8) - 0.1
+    updated = {}
+    for micro_batch_size in (8, 4, 3, 2, 1):
+        policy, head, optimizer, cfg = update_setup(tiny_model_dir, None)
+        cfg.micro_batch_size = micro_batch_size
+        flowrl.policy_update(policy, head, optimizer, rollouts, reward_hat, ref_logprobs, None, cfg)
+        updated[micro_batch_size] = [p.detach().clone() for p in list(policy.parameters()) + list(head.parameters())]
+    initial = [p.detach() for p in update_setup(tiny_model_dir, None)[0].parameters()]
+    assert not torch.equal(updated[8][0], initial[0]) and not torch.equal(updated[8][-1], initial[-1])
+    for micro_batch_size in (4, 3, 2, 1):
+        for a, b in zip(updated[8], updated[micro_batch_size]):
+            assert torch.allclose(a, b, atol=1e-5), micro_batch_size
 
 
 # ------------------------------------------------------------------------------------------------------
