@@ -13,9 +13,11 @@ trajectory-balance loss (Eq. 2-6). What that loss matches, exactly:
   log Z_phi(x)), a target tilted by length, with r_hat normalised within the sampled group. It is not p*.
   What it keeps is the part that matters for diversity: two responses of the same length and reward get the
   same ratio pi_theta/pi_ref, so at the fixed point the reference's preferences between correct answers are
-  kept rather than collapsed onto one. A run only gets there if the target is reachable: with beta = 15 a
-  correct 2-token answer's target log-ratio is tens of nats, the loss then acts as reward maximisation, and
-  on `--task pick` (SmolLM2, 40 steps) FlowRL at beta = 15 collapsed more than GRPO in two seeds of three.
+  kept rather than collapsed onto one. A run only gets there if the target is reachable: the target
+  log-ratio between a correct and a wrong answer is about 2.8 beta nats PER TOKEN, tens of nats for a whole
+  response, and far from it the loss acts as reward maximisation. On `--task pick` (SmolLM2, 40 steps)
+  FlowRL at beta = 15 collapsed more than GRPO in two seeds of three; `--no-length-normalize` (the paper's
+  ablation, 2.8 beta nats per response) at beta 1-3 kept the step-0 spread but raised validity less.
   The README has the measurements.
 
     python flowrl.py                              # SmolLM2-135M-Instruct on 1-digit arithmetic, CPU, minutes
