@@ -250,8 +250,8 @@ def arithmetic_problems(operations: str, min_operand: int, max_operand: int, eva
 
 def pick_problems(eval_size: int, split_seed: int, high: int = 10) -> tuple[list[Problem], list[Problem]]:
     """Every "Pick a number from 1 to 10 that is not a, b, c, d or e." with 5 or 6 numbers excluded: 5 or 4
-    correct answers each, checked by `pick_reward`. The excluded numbers change from prompt to prompt, so no single
-    answer is right everywhere, and copying a number from the prompt is always wrong.
+    correct answers each, checked by `pick_reward`. The excluded numbers change from prompt to prompt, so no
+    single answer is right everywhere, and copying a number from the prompt is always wrong.
 
     >>> train, held_out = pick_problems(50, 0)
     >>> len(train) + len(held_out), held_out[0].question.startswith("Pick a number from 1 to 10")
@@ -737,7 +737,7 @@ def flowrl_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, old_logprobs
     weight = clipped_log_ratio.exp()                                                      # w [B]
 
     # Length normalisation (1/|y|) applies to the two log-likelihood terms only, not to log Z or beta*r_hat.
-    normalizer = length if length_normalize else torch.ones_like(length)
+    normalizer = length if length_normalize else 1.0
     residual = log_z + seq_logprob / normalizer - beta * reward_hat - seq_ref_logprob / normalizer  # [B]
     loss = (weight * residual.pow(2)).mean()
 
@@ -896,7 +896,8 @@ def save_checkpoint(output_dir: str, model, tokenizer, log_z_head, optimizer, sc
                     "step0_answers": step0_answers}, os.path.join(temporary, "trainer_state.pt"))
     except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
         shutil.rmtree(temporary, ignore_errors=True)
-        kept = f"the previous checkpoint {final} is intact" if os.path.isdir(final) else "no checkpoint was saved before"
+        kept = (f"the previous checkpoint {final} is intact" if os.path.isdir(final)
+                else "no checkpoint was saved before")
         raise OSError(f"could not write the step-{step} checkpoint ({error}); {kept}") from error
     if os.path.isdir(final):
         shutil.rmtree(previous, ignore_errors=True)
