@@ -53,29 +53,46 @@ Where this file departs from the paper or from the official code (verl fork, `co
 
 import argparse
 import collections
+import contextlib
 import copy
 import ctypes
 import dataclasses
 import datetime
 import importlib.util
+import io
 import itertools
 import json
+import logging
 import math
 import os
 import random
 import re
 import resource
 import shutil
+import signal
 import sys
+import threading
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Callable, Optional
+
+# OpenMP threads that wait for work spin before they sleep (libgomp: 300,000 spins by default). With two runs on one
+# machine the spinning threads hold the cores the other run needs and both run 15-30x slower; with 1,000 spins each
+# takes half the machine and a run alone keeps its speed (README). Read when torch loads its OpenMP runtime.
+os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
+
+try:  # optional: symbolic answers (LaTeX, expressions) checked with sympy, `pip install math-verify`
+    import math_verify
+    logging.getLogger("math_verify").setLevel(logging.ERROR)   # its own time limit is off: symbols_equal sets one
+except ImportError:
+    math_verify = None
 
 
 # =====================================================================================================
@@ -90,7 +107,9 @@ class Config:
     algo: str = field(default="flowrl", metadata={"help": "flowrl (Eq. 6) or grpo (Eq. 1, the baseline)"})
     seed: int = field(default=0, metadata={"help": "seed for sampling prompts, rollouts and the log Z init"})
     # rollouts
-    steps: int = field(default=18, metadata={"help": "training steps; one step = one rollout batch"})
+    steps: int = field(default=18, metadata={"help": (
+        "training steps; one step = one rollout batch. 0: evaluate --model (a hub model, a folder, a run's "
+        "checkpoint) once on the held-out problems, train nothing")})
     prompts_per_step: int = field(default=4, metadata={"help": "prompts per rollout batch (paper: 512)"})
     group_size: int = field(default=8, metadata={"help": "completions sampled per prompt, G (paper: 8)"})
     max_new_tokens: int = field(default=24, metadata={"help": "max response tokens (paper: 8192)"})
@@ -140,7 +159,9 @@ class Config:
     # evaluation
     eval_size: int = field(default=50, metadata={"help": "held-out problems"})
     eval_every: int = field(default=0, metadata={"help": "evaluate every N steps (0: only at start and end)"})
-    eval_samples: int = field(default=4, metadata={"help": "samples per held-out problem, n, for pass@k"})
+    eval_samples: int = field(default=4, metadata={"help": (
+        "samples per held-out problem, n, for pass@k. pass@1 is their mean accuracy, the paper's Avg@n: "
+        "--eval-samples 16 --eval-temperature 0.6 --eval-top-p 0.95 is its Avg@16")})
     pass_k: int = field(default=4, metadata={"help": "k of pass@k (<= --eval-samples)"})
     eval_temperature: float = field(default=0.6, metadata={"help": "sampling temperature at eval (paper: 0.6)"})
     eval_top_p: float = field(default=0.95, metadata={"help": "top-p at eval (paper: 0.95)"})
@@ -157,12 +178,15 @@ class Config:
     resume: Optional[str] = field(default=None, metadata={"help": "checkpoint or run folder to continue from"})
     log_rollouts: bool = field(default=False, metadata={"help": "write rollouts.jsonl: one line per completion"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda (under torchrun: each rank's GPU)"})
+    timeout_minutes: float = field(default=30.0, metadata={"help": (
+        "torchrun: the longest one process waits for the others in a collective, which must cover a training "
+        "step, a share of an evaluation and rank 0's checkpoint save")})
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
     """One --flag per Config field. Defaults are SUPPRESSed so that a resumed run can tell which flags
     were given on the command line (those override the checkpoint's config)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata["help"] + f" (default: {f.default})"
@@ -197,9 +221,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if cfg.updates_per_batch < 1 or cfg.updates_per_batch > cfg.prompts_per_step // world_size:
         problems.append("--updates-per-batch must be between 1 and --prompts-per-step (per process): "
                         "a mini-batch is whole groups")
-    if min(cfg.steps, cfg.prompts_per_step, cfg.max_new_tokens, cfg.micro_batch_size, cfg.eval_size) < 1:
-        problems.append("--steps, --prompts-per-step, --max-new-tokens, --micro-batch-size and --eval-size "
-                        "must be >= 1")
+    if min(cfg.prompts_per_step, cfg.max_new_tokens, cfg.micro_batch_size, cfg.eval_size) < 1 or cfg.steps < 0:
+        problems.append("--prompts-per-step, --max-new-tokens, --micro-batch-size and --eval-size must be >= 1, "
+                        "--steps >= 0")
     if dist_prompt_count(cfg) < 0 or (dist_prompt_count(cfg) and cfg.dist_samples < 2):
         problems.append("--dist-prompts must be >= 0 and --dist-samples >= 2")
     if cfg.temperature <= 0:
@@ -281,8 +305,9 @@ def load_jsonl(path: str, question_field: str, answer_field: str) -> list[Proble
             except json.JSONDecodeError as error:
                 raise ValueError(f"{path}, line {line_number}: not valid JSON ({error.msg})") from None
             if not isinstance(row, dict) or question_field not in row or answer_field not in row:
-                raise ValueError(f"{path}, line {line_number}: expected an object with keys "
-                                 f"{question_field!r} and {answer_field!r}")
+                found = f" (it has {', '.join(map(repr, row))})" if isinstance(row, dict) else ""
+                raise ValueError(f"{path}, line {line_number}: expected an object with keys {question_field!r} and "
+                                 f"{answer_field!r}{found}; --question-field and --answer-field name other keys")
             problems.append(Problem(str(row[question_field]), str(row[answer_field])))
     if not problems:
         raise ValueError(f"{path}: no problems in the file")
@@ -329,18 +354,24 @@ def _last_boxed(text: str) -> Optional[str]:
     return None
 
 
+def marked_answer(text: str) -> Optional[str]:
+    r"""The answer a text marks as final: the last \boxed{...}, else a "#### x" line (GSM8K); None if neither."""
+    boxed = _last_boxed(text)
+    if boxed is not None:
+        return boxed.strip()
+    hashes = re.findall(r"####\s*([^\n]+)", text)
+    return hashes[-1].strip() if hashes else None
+
+
 def extract_answer(text: str) -> Optional[str]:
     r"""The final answer of a completion: the last \boxed{...}, else a "#### x" line, else the last number.
 
     >>> extract_answer("so \\boxed{\\frac{3}{4}}."), extract_answer("5 + 7 = 12\n#### 12"), extract_answer("3, then 4")
     ('\\frac{3}{4}', '12', '4')
     """
-    boxed = _last_boxed(text)
-    if boxed is not None:
-        return boxed.strip()
-    hashes = re.findall(r"####\s*([^\n]+)", text)
-    if hashes:
-        return hashes[-1].strip()
+    marked = marked_answer(text)
+    if marked is not None:
+        return marked
     numbers = re.findall(_NUMBER, text)
     return numbers[-1] if numbers else None
 
@@ -360,23 +391,74 @@ def parse_number(text: str) -> Optional[float]:
         return None
 
 
+def numbers_equal(predicted: str, reference: str) -> bool:
+    """The numeric checker: equal values when both parse as numbers, else equal strings (spaces ignored)."""
+    predicted_value, reference_value = parse_number(predicted), parse_number(reference)
+    if predicted_value is not None and reference_value is not None:
+        return math.isclose(predicted_value, reference_value, rel_tol=1e-9, abs_tol=1e-12)
+    return predicted.replace(" ", "") == reference.replace(" ", "")
+
+
+VERIFY_SECONDS = 5.0     # time limit of one symbolic check: sympy can take very long on adversarial expressions
+_reported_failures: set = set()
+
+
+def symbols_equal(predicted: str, reference: str) -> bool:
+    r"""The symbolic checker, math-verify: both answers parsed as LaTeX or expressions into sympy and compared, so
+    that \frac{\sqrt3}{2} = \frac{\sqrt{3}}{2}, -q + p = p - q and \text{(C)} = C. An answer it cannot check
+    within VERIFY_SECONDS, or that makes it raise, is not equal (reward 0), reported once per kind of failure."""
+    def verify() -> bool:
+        def parse(answer):
+            return math_verify.parse(f"${answer.replace('$', '')}$", parsing_timeout=None, raise_on_error=True)
+        return math_verify.verify(parse(reference), parse(predicted), timeout_seconds=None, raise_on_error=True)
+    try:
+        return within_time_limit(VERIFY_SECONDS, verify)
+    except Exception as error:
+        if type(error) not in _reported_failures:
+            _reported_failures.add(type(error))
+            tqdm.write(f"math-verify could not check {predicted!r} against {reference!r} "
+                       f"({type(error).__name__}: {error}); such answers score 0 (reported once)")
+        return False
+
+
+def within_time_limit(seconds: float, function: Callable):
+    """function(), or TimeoutError after `seconds` (a SIGALRM timer: in the main thread only; elsewhere no limit)."""
+    if threading.current_thread() is not threading.main_thread():
+        return function()
+
+    def expire(signum, frame):
+        raise TimeoutError(f"no verdict within {seconds} s")
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        return function()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def math_reward(completion: str, answer: str) -> float:
     r"""1.0 if the completion's final answer equals the reference answer, else 0.0.
 
-    The reference may be a bare value ("0.5") or a full solution ("... #### 42", GSM8K style).
+    The reference may be a bare answer ("0.5", "\frac{\sqrt{3}}{2}") or a full solution ("... #### 42", GSM8K
+    style; or one with a \boxed{} answer). Checked by math-verify when it is installed (symbols_equal), else by
+    value (numbers_equal).
     >>> math_reward("Half of it: \\boxed{\\frac{1}{2}}", "0.5"), math_reward("It costs $1,000.", "1000")
     (1.0, 1.0)
     >>> math_reward("", "3")
     0.0
     """
     predicted = extract_answer(completion)
-    reference = extract_answer(answer) or answer
     if predicted is None:
         return 0.0
-    predicted_value, reference_value = parse_number(predicted), parse_number(reference)
-    if predicted_value is not None and reference_value is not None:
-        return float(math.isclose(predicted_value, reference_value, rel_tol=1e-9, abs_tol=1e-12))
-    return float(predicted.replace(" ", "") == reference.strip().replace(" ", ""))
+    reference = marked_answer(answer) or answer.strip()
+    return float(symbols_equal(predicted, reference) if math_verify is not None else numbers_equal(predicted, reference))
+
+
+def answer_checker() -> str:
+    """Which checker math_reward uses, for the start-up line."""
+    return "math-verify (symbolic)" if math_verify is not None else \
+        "numeric (pip install math-verify to compare symbolic answers)"
 
 
 def final_answer(completion: str) -> Optional[str]:
@@ -433,7 +515,7 @@ def model_sources(name: str) -> list[tuple[str, Optional[str]]]:
         folder, file_name = os.path.split(os.path.abspath(name))
         return [(folder, file_name)]
     if os.path.isdir(name):
-        return [(name, None)]
+        return [(find_checkpoint(name, required=False) or name, None)]    # a run folder: its checkpoint
     sources = []
     if name == "SmolLM2-135M-Instruct" and smollm2_gguf_path():
         sources.append(os.path.split(smollm2_gguf_path()))
@@ -448,9 +530,12 @@ def load_model_and_tokenizer(name: str):
     tried = []
     for source, gguf_file in model_sources(name):
         kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+        if not os.path.isdir(source) and not hub_reachable():
+            kwargs["local_files_only"] = True    # the local cache only, at once (the hub client retries for a minute)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
+            with contextlib.redirect_stderr(io.StringIO()):   # the GGUF reader's de-quantising progress bar
+                tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+                model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
         except (OSError, ValueError, ImportError) as error:
             tried.append(f"{os.path.join(source, gguf_file) if gguf_file else source}: "
                          f"{str(error).strip().splitlines()[0]}")
@@ -531,55 +616,101 @@ def autocast(model, precision: str):
     return torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
+def derived_seed(*key) -> int:
+    """A seed for one random draw, from a key of numbers and names such as (run seed, step, "rollouts", prompt):
+    different keys give independent streams (numpy's SeedSequence), so no two draws share random numbers."""
+    numbers = [zlib.crc32(part.encode()) if isinstance(part, str) else part for part in key]
+    return int(np.random.SeedSequence(numbers).generate_state(1)[0])
+
+
+def top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    """-inf outside the nucleus: the smallest set of most likely tokens whose probabilities sum to >= top_p.
+
+    >>> top_p_filter(torch.tensor([[2.0, 1.0, 0.0, -1.0]]).log_softmax(-1), 0.7).isfinite()
+    tensor([[ True,  True, False, False]])
+    """
+    sorted_scores, order = scores.sort(-1)                                          # ascending
+    outside = sorted_scores.softmax(-1).cumsum(-1) <= 1 - top_p
+    outside[..., -1] = False                                                        # the top token always stays
+    return scores.masked_fill(outside.scatter(-1, order, outside), float("-inf"))
+
+
+def sample_from_scores(scores: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """One token per row drawn from softmax(scores), [B, V] -> [B], given uniforms u ~ U[0, 1), [B, 1].
+
+    Inverse transform sampling: the token is the first whose cumulative probability exceeds u, so token i comes
+    with probability exactly p_i. The same distribution as torch.multinomial at a tenth of its cost on a CPU. In
+    float64: a float32 cumulative sum over a vocabulary of 150k tokens rounds away tokens of probability below
+    about 1e-7, which float64 keeps.
+
+    >>> sample_from_scores(torch.tensor([[0.0, 0.0, -float("inf"), 0.0]]).log_softmax(-1), torch.tensor([[0.5]]))
+    tensor([1])
+    """
+    cumulative = scores.double().softmax(-1).cumsum(-1)                              # [B, V]
+    token = torch.searchsorted(cumulative, uniforms * cumulative[:, -1:], right=True)
+    return token.squeeze(-1).clamp(max=scores.shape[-1] - 1)    # u * total rounding up to the total: p = 2^-53
+
+
 @torch.no_grad()
 def sample_completions(model, tokenizer, prompts: list[str], samples_per_prompt: int, max_new_tokens: int,
-                       temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False) -> Rollouts:
-    """`samples_per_prompt` completions of each prompt, grouped: rows [i*G, (i+1)*G) belong to prompts[i].
-
-    Sampled from exactly softmax(logits / temperature) (with top_p < 1, its nucleus): whatever the model's
-    own generation_config holds (repetition penalty, top-k, ...) is not applied, so that pi_old, the policy
-    the loss scores, is the distribution the rollouts came from.
+                       temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
+                       seeds: Optional[list[int]] = None) -> Rollouts:
+    """y ~ pi_theta(.|x): `samples_per_prompt` completions of each prompt, grouped: rows [i*G, (i+1)*G) belong to
+    prompts[i]. Each token is drawn from exactly softmax(logits / temperature) of the model's own logits (with
+    top_p < 1, from its nucleus; greedy: the argmax), nothing else applied, so that pi_old, the policy the loss
+    scores, is the distribution the rollouts came from. With `seeds` (one per prompt) prompt i's samples come from
+    a generator seeded with seeds[i]: the same whatever else is in the batch; without, from torch's global one.
     """
-    from transformers import DynamicCache, GenerationConfig
+    from transformers import DynamicCache
     device = next(model.parameters()).device
     encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
     prompt_ids, prompt_mask = encoded.input_ids, encoded.attention_mask                 # [P, L]
-    eos_ids = eos_token_ids(model, tokenizer)
-    generation_config = GenerationConfig(
-        do_sample=not greedy, temperature=None if greedy else temperature, top_p=None if greedy else top_p,
-        top_k=None if greedy else 0, max_new_tokens=max_new_tokens, eos_token_id=eos_ids,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
+    eos_ids = torch.tensor(eos_token_ids(model, tokenizer), device=device)
+    generators = [torch.Generator(device).manual_seed(seed) for seed in seeds] if seeds is not None else None
     was_training = model.training
     model.eval()
-    # The G samples of a prompt share it: encode each prompt once (all but its last token, which generate()
-    # feeds to get the first logits) and copy that KV cache G times, instead of encoding G copies.
-    cache = DynamicCache(config=model.config)
-    if prompt_ids.shape[1] > 1:
-        model(input_ids=prompt_ids[:, :-1], attention_mask=prompt_mask[:, :-1],
-              position_ids=position_ids_from_mask(prompt_mask[:, :-1]), cache=cache, use_cache=True,
-              logits_to_keep=1)
-    cache.batch_repeat_interleave(samples_per_prompt)
-    # generate() fills every field left unset from model.generation_config, and hub models ship sampling
-    # defaults there (Qwen2.5-Instruct: repetition_penalty, top_k, top_p). An empty one stands in for it.
-    model_defaults, model.generation_config = model.generation_config, GenerationConfig()
     try:
-        output = model.generate(input_ids=prompt_ids.repeat_interleave(samples_per_prompt, dim=0),
-                                attention_mask=prompt_mask.repeat_interleave(samples_per_prompt, dim=0),
-                                cache=cache, generation_config=generation_config)  # [B, L+T]
+        # Prefill: each prompt once; its G samples then share copies of its KV cache.
+        cache = DynamicCache(config=model.config)
+        logits = model(input_ids=prompt_ids, attention_mask=prompt_mask, cache=cache, use_cache=True,
+                       position_ids=position_ids_from_mask(prompt_mask), logits_to_keep=1).logits[:, -1]
+        cache.batch_repeat_interleave(samples_per_prompt)
+        logits = logits.repeat_interleave(samples_per_prompt, dim=0)                    # [B, V]
+        attention_mask = prompt_mask.repeat_interleave(samples_per_prompt, dim=0)      # [B, L], grows by 1 a step
+        position = attention_mask.sum(-1, keepdim=True)                                # [B, 1] next position
+        ended = torch.zeros(len(logits), dtype=torch.bool, device=device)              # [B]
+        tokens = []
+        for _ in range(max_new_tokens):
+            if greedy:
+                token = logits.argmax(-1)
+            else:
+                scores = logits.float() / temperature
+                if top_p < 1.0:
+                    scores = top_p_filter(scores, top_p)
+                uniforms = torch.rand(len(scores), 1, dtype=torch.float64, device=device) if generators is None \
+                    else torch.cat([torch.rand(samples_per_prompt, 1, dtype=torch.float64, generator=g, device=device)
+                                    for g in generators])
+                token = sample_from_scores(scores, uniforms)                           # [B]
+            token = token.masked_fill(ended, tokenizer.pad_token_id)                    # ended rows keep padding
+            tokens.append(token)
+            ended |= torch.isin(token, eos_ids)
+            if len(tokens) == max_new_tokens or ended.all():
+                break
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(token), 1)], dim=1)
+            logits = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=position,
+                           cache=cache, use_cache=True).logits[:, -1]
+            position = position + 1
     finally:
-        model.generation_config = model_defaults
         model.train(was_training)
-    prompt_length = prompt_ids.shape[1]
-    completion_ids = output[:, prompt_length:]
-    completion_mask = completion_mask_from_ids(completion_ids, eos_ids)
+    completion_ids = torch.stack(tokens, dim=1)                                        # [B, T]
+    completion_mask = completion_mask_from_ids(completion_ids, eos_ids.tolist())
     texts = [tokenizer.decode(ids[mask.bool()], skip_special_tokens=True)
              for ids, mask in zip(completion_ids, completion_mask)]
-    return Rollouts(input_ids=output,
+    return Rollouts(input_ids=torch.cat([prompt_ids.repeat_interleave(samples_per_prompt, dim=0), completion_ids], 1),
                     attention_mask=torch.cat([prompt_mask.repeat_interleave(samples_per_prompt, dim=0),
                                               completion_mask], dim=1),
-                    prompt_length=prompt_length, completion_mask=completion_mask,
-                    truncated=~torch.isin(completion_ids, torch.tensor(eos_ids, device=device)).any(-1),
-                    texts=texts)
+                    prompt_length=prompt_ids.shape[1], completion_mask=completion_mask,
+                    truncated=~torch.isin(completion_ids, eos_ids).any(-1), texts=texts)
 
 
 # =====================================================================================================
@@ -829,7 +960,7 @@ def keep_freed_memory(device: torch.device) -> None:
     libc.mallopt(m_trim_threshold, 2**31 - 1)     # ... and freed heap memory stays for the next step
 
 
-def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
+def init_distributed(device_name: str, timeout_minutes: float = 30.0) -> tuple[int, int, torch.device]:
     """(rank, world_size, device). Under torchrun (WORLD_SIZE > 1) this joins the process group: nccl with one
     GPU per process (LOCAL_RANK), gloo on CPUs. A plain `python flowrl.py` is rank 0 of 1."""
     device = resolve_device(device_name)
@@ -840,27 +971,74 @@ def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        # rank 0 evaluates and saves while the others wait in their next all-reduce: allow for a long evaluation
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
     return dist.get_rank(), world_size, device
 
 
 def all_reduce_sum(values: dict[str, float], world_size: int) -> dict[str, float]:
-    """Sum a dict of numbers over processes (every process must pass the same keys)."""
+    """Sum a dict of numbers over processes. The processes first agree on the keys (a key one of them lacks counts
+    as 0 there), so that a process whose batch went wrong still makes the same collectives as the others."""
     if world_size == 1:
         return values
-    keys = sorted(values)
-    totals = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    key_lists = [None] * world_size
+    dist.all_gather_object(key_lists, sorted(values))
+    keys = sorted(set().union(*key_lists))
+    totals = torch.tensor([float(values.get(k, 0.0)) for k in keys], dtype=torch.float64)
     if dist.get_backend() == "nccl":
         totals = totals.cuda()
     dist.all_reduce(totals)
     return dict(zip(keys, totals.tolist()))
 
 
-def step_seed(seed: int, step: int, rank: int) -> int:
-    """Each step, on each process, samples from its own seed: resuming at any step replays the same rollouts,
-    with no random-number state to save."""
-    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+def gather_shards(rows: list, world_size: int) -> list:
+    """Process r computed the rows of items r, r + W, r + 2W, ... (W processes): every process gets all rows,
+    in the items' order."""
+    if world_size == 1:
+        return rows
+    shards = [None] * world_size
+    dist.all_gather_object(shards, rows)
+    return [shard[i] for i in range(len(shards[0])) for shard in shards if i < len(shard)]
+
+
+class StopOnSignal:
+    """Ctrl-C (SIGINT) or a cluster's SIGTERM, once: the loop finishes its step, saves a checkpoint and exits. A
+    second Ctrl-C stops at once (Python's KeyboardInterrupt; the last checkpoint stays intact). Inside `with`
+    only, in the main thread only (elsewhere signals keep their handlers)."""
+
+    def __init__(self):
+        self.signal_name, self.previous = None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {number: signal.signal(number, self.handle) for number in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def handle(self, number, frame):
+        self.signal_name = signal.Signals(number).name
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        tqdm.write(f"{self.signal_name}: stopping after this step with a checkpoint (Ctrl-C again: stop at once)")
+
+    def requested(self, world_size: int) -> bool:
+        """Whether any process was signalled: all stop at the same step."""
+        return all_reduce_sum({"stop": float(self.signal_name is not None)}, world_size)["stop"] > 0
+
+    def __exit__(self, *exception):
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+
+
+def hub_reachable() -> bool:
+    """Whether the model hub answers at all, asked once with a short timeout (the hub client retries for about a
+    minute before it gives up)."""
+    from huggingface_hub import constants, get_session
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        get_session().head(constants.ENDPOINT, timeout=5)
+    except Exception:
+        return False
+    return True
 
 
 def default_output_dir(cfg: Config) -> str:
@@ -879,8 +1057,8 @@ def find_checkpoint(path: str, required: bool = True) -> Optional[str]:
                      f"{os.path.join(path, 'checkpoint')})")
 
 
-def save_checkpoint(output_dir: str, model, tokenizer, log_z_head, optimizer, scheduler, step: int,
-                    data_rng: random.Random, cfg: Config, step0_answers: Optional[dict]) -> str:
+def save_checkpoint(output_dir: str, model, tokenizer, log_z_head, optimizer, step: int, data_rng: random.Random,
+                    cfg: Config, step0_reference: Optional[dict]) -> str:
     """Write output_dir/checkpoint atomically: build checkpoint.tmp, then swap it in with renames, so an
     interrupted save leaves the previous checkpoint intact. A failed write (a full disk) removes the partial
     checkpoint.tmp and raises an OSError that says which checkpoint is still there."""
@@ -892,8 +1070,8 @@ def save_checkpoint(output_dir: str, model, tokenizer, log_z_head, optimizer, sc
         tokenizer.save_pretrained(temporary)
         torch.save(log_z_head.state_dict(), os.path.join(temporary, "log_z_head.pt"))
         torch.save({"step": step, "config": dataclasses.asdict(cfg), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "data_rng": data_rng.getstate(),
-                    "step0_answers": step0_answers}, os.path.join(temporary, "trainer_state.pt"))
+                    "data_rng": data_rng.getstate(), "step0_reference": step0_reference},
+                   os.path.join(temporary, "trainer_state.pt"))
     except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
         shutil.rmtree(temporary, ignore_errors=True)
         kept = (f"the previous checkpoint {final} is intact" if os.path.isdir(final)
@@ -905,6 +1083,21 @@ def save_checkpoint(output_dir: str, model, tokenizer, log_z_head, optimizer, sc
     os.rename(temporary, final)  # a crash just before this leaves checkpoint.old, which find_checkpoint reads
     shutil.rmtree(previous, ignore_errors=True)
     return final
+
+
+def drop_rows_after(path: str, step: int) -> list[dict]:
+    """A resumed run's log reads as if the run had never been cut: the JSONL rows that the interrupted run wrote
+    after its checkpoint's step are dropped (the file is rewritten, then swapped in). Returns the rows kept."""
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    kept = [row for row in rows if row.get("step", 0) <= step]
+    if len(kept) < len(rows):
+        with open(path + ".tmp", "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in kept)
+        os.replace(path + ".tmp", path)
+    return kept
 
 
 def score(texts: list[str], problems: list[Problem], samples_per_prompt: int,
@@ -919,7 +1112,8 @@ def policy_update(policy, log_z_head, optimizer, rollouts: Rollouts, reward_hat:
     """The loss (Eq. 6, or Eq. 1 for GRPO) and `cfg.updates_per_batch` AdamW updates on mini-batches of one
     rollout batch, each accumulated over micro-batches. Under torchrun each process holds its share of the
     batch and the gradients (policy and log Z head) are averaged over processes before each update, so an
-    update means the same as in one process given the whole batch.
+    update means the same as in one process given the whole batch. A non-finite loss or gradient on any process
+    skips that update on all of them.
 
     ref_logprobs, old_logprobs: [B, T] (None: no reference model / pi_old is the current policy, w = 1).
     Returns (sums over this process's sequences of the loss and its stats, per-sequence values [B]).
@@ -935,7 +1129,6 @@ def policy_update(policy, log_z_head, optimizer, rollouts: Rollouts, reward_hat:
     # Mini-batches are whole groups (prompts, as the paper's "32 prompts" mini-batch), chosen at random.
     for groups in torch.randperm(batch_size // cfg.group_size).tensor_split(cfg.updates_per_batch):
         minibatch_size = len(groups) * cfg.group_size
-        optimizer.zero_grad(set_to_none=True)
         finite = True
         for rows, shared in forward_passes(groups, cfg.group_size, cfg.micro_batch_size):
             rows = rows.to(device)
@@ -964,27 +1157,29 @@ def policy_update(policy, log_z_head, optimizer, rollouts: Rollouts, reward_hat:
             for name, value in {"loss": loss, **stats}.items():
                 sums[name] += value.item() * len(rows)
         if world_size > 1:
+            # The same collectives on every process whatever its data: agree first, then average the gradients.
             finite = all_reduce_sum({"finite": float(finite)}, world_size)["finite"] == world_size
             for param in params:
-                if param.grad is not None:
+                if finite and param.grad is not None:
                     dist.all_reduce(param.grad)
                     param.grad /= world_size
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        if not finite or not torch.isfinite(grad_norm):
-            optimizer.zero_grad(set_to_none=True)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if finite else None
+        if finite and torch.isfinite(grad_norm):
+            optimizer.step()
+        else:
             skipped_updates += 1
             tqdm.write("non-finite loss or gradient: update skipped (weights unchanged)")
-            continue
-        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)  # gradients freed now, not kept through the next step's sampling
     sums["skipped_updates"] = skipped_updates
     return dict(sums), per_sequence
 
 
 def training_step(policy, reference, log_z_head, optimizer, tokenizer, problems: list[Problem], cfg: Config,
-                  reward_fn: Callable[[str, str], float], precision: str = "fp32",
-                  world_size: int = 1) -> tuple[dict, list[dict]]:
+                  reward_fn: Callable[[str, str], float], precision: str = "fp32", world_size: int = 1,
+                  seeds: Optional[list[int]] = None) -> tuple[dict, list[dict]]:
     """One FlowRL (or GRPO) step on this process's prompts, in the paper's order:
     sample a group -> reward -> r_hat (Eq. 5) -> pi_ref and pi_old log-probs -> loss (Eq. 6 / Eq. 1) -> update.
+    `seeds`: one per prompt, for its group's samples.
     Returns (the step's metrics, summed over processes; one row per completion for --log-rollouts)."""
     device = next(policy.parameters()).device
     step_start = time.perf_counter()
@@ -993,7 +1188,7 @@ def training_step(policy, reference, log_z_head, optimizer, tokenizer, problems:
     prompts = [format_prompt(tokenizer, p.question) for p in problems]
     with autocast(policy, precision):
         rollouts = sample_completions(policy, tokenizer, prompts, cfg.group_size, cfg.max_new_tokens,
-                                      temperature=cfg.temperature)
+                                      temperature=cfg.temperature, seeds=seeds)
     generation_seconds = time.perf_counter() - step_start
 
     # ---- 2. reward r(x, y) (Section 3) and its group normalisation r_hat (Eq. 5) -------------------------------
@@ -1040,14 +1235,23 @@ def training_step(policy, reference, log_z_head, optimizer, tokenizer, problems:
     return record, rows
 
 
-def load_policy_and_reference(cfg: Config, checkpoint: Optional[str], device: torch.device):
+def set_hyperparameters(optimizer, cfg: Config, step: int) -> None:
+    """Learning rates (with linear warm-up) and weight decay for this step, from the run's config: a resumed run
+    uses the flags it was given, not the values saved in the optimiser state (whose moments it keeps)."""
+    warmup = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+    for group, lr in zip(optimizer.param_groups, (cfg.lr, cfg.log_z_lr)):
+        group.update(lr=lr * warmup, weight_decay=cfg.weight_decay)
+
+
+def load_policy_and_reference(cfg: Config, checkpoint: Optional[str], device: torch.device, precision: str):
     """(policy, reference or None, tokenizer). pi_ref is the frozen initial model; on resume it is reloaded
-    from --model, not from the checkpoint. GRPO without a KL term needs none."""
+    from --model, not from the checkpoint. GRPO without a KL term needs none. A run that computes in bf16 holds
+    pi_ref in bf16 (its matmuls are bf16 under autocast anyway; the README measures the change)."""
     policy, tokenizer = load_model_and_tokenizer(checkpoint or cfg.model)
     reference = None
     if cfg.algo == "flowrl" or cfg.kl_coef:
         reference = load_model_and_tokenizer(cfg.model)[0] if checkpoint else copy.deepcopy(policy)
-        reference.to(device).eval().requires_grad_(False)
+        reference.to(device, torch.bfloat16 if precision == "bf16" else torch.float32).eval().requires_grad_(False)
     policy.to(device)
     if cfg.gradient_checkpointing:
         policy.activation_checkpointing_enable()
@@ -1055,8 +1259,9 @@ def load_policy_and_reference(cfg: Config, checkpoint: Optional[str], device: to
 
 
 def train(cfg: Config) -> dict:
-    """Run FlowRL (or GRPO) as configured; returns the first and last evaluation results (on rank 0)."""
-    rank, world_size, device = init_distributed(cfg.device)
+    """Run FlowRL (or GRPO) as configured, or with --steps 0 only evaluate; returns the first and last
+    evaluation results."""
+    rank, world_size, device = init_distributed(cfg.device, cfg.timeout_minutes)
     validate(cfg, world_size)
     is_main = rank == 0
     output_dir = cfg.output_dir or default_output_dir(cfg)
@@ -1064,7 +1269,7 @@ def train(cfg: Config) -> dict:
         raise ValueError(f"{output_dir} already holds a checkpoint: continue it with --resume {output_dir}, "
                          f"or pass another --output-dir")
     train_problems, held_out = load_problems(cfg)
-    if len(train_problems) < cfg.prompts_per_step:
+    if cfg.steps and len(train_problems) < cfg.prompts_per_step:
         raise ValueError(f"{len(train_problems)} training problems, fewer than --prompts-per-step")
     reward_fn = reward_function(cfg)
     precision = resolve_precision(cfg.precision, device)
@@ -1073,86 +1278,103 @@ def train(cfg: Config) -> dict:
     data_rng = random.Random(cfg.seed)  # the same on every process: all draw the same prompts, each takes its share
 
     checkpoint = find_checkpoint(cfg.resume) if cfg.resume else None
-    policy, reference, tokenizer = load_policy_and_reference(cfg, checkpoint, device)
+    policy, reference, tokenizer = load_policy_and_reference(cfg, checkpoint, device, precision)
     log_z_head = LogZHead(policy.config.hidden_size).to(device)
-    optimizer = torch.optim.AdamW([
-        {"params": policy.parameters(), "lr": cfg.lr},
-        {"params": log_z_head.parameters(), "lr": cfg.log_z_lr},
-    ], weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
-    start_step, step0_answers = 0, None
+    # fused: one kernel per step, without the foreach path's temporaries the size of the parameters
+    optimizer = torch.optim.AdamW([{"params": policy.parameters()}, {"params": log_z_head.parameters()}],
+                                  lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    start_step, step0_reference = 0, None
     if checkpoint:
         state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)
         log_z_head.load_state_dict(torch.load(os.path.join(checkpoint, "log_z_head.pt")))
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
         data_rng.setstate(state["data_rng"])
-        start_step, step0_answers = state["step"], state.get("step0_answers")
-        if is_main:
-            print(f"resumed from {checkpoint} at step {start_step}")
-    probe_problems = train_problems[:dist_prompt_count(cfg)]  # fixed: the first of the (seed-independent) split
+        start_step, step0_reference = state["step"], state.get("step0_reference")
+    probes = {"held_out": held_out[:dist_prompt_count(cfg)],            # fixed: the first of the (seed-independent)
+              "train": train_problems[:dist_prompt_count(cfg)]}         # split, for the answer distributions
 
     first_eval = last_eval = metrics_file = rollouts_file = None
     if is_main:
         os.makedirs(output_dir, exist_ok=True)  # only now, so that a model that fails to load leaves no empty folder
         with open(os.path.join(output_dir, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=2)
+        # A fresh run starts its logs afresh; a resumed one keeps what its checkpoint had seen.
+        kept_step = start_step if checkpoint else -1
+        evaluations = [row for row in drop_rows_after(os.path.join(output_dir, "metrics.jsonl"), kept_step)
+                       if row["split"] == "eval"]
+        drop_rows_after(os.path.join(output_dir, "rollouts.jsonl"), kept_step)
+        if evaluations:
+            first_eval, last_eval = evaluations[0] if evaluations[0]["step"] == 0 else None, evaluations[-1]
         metrics_file = open(os.path.join(output_dir, "metrics.jsonl"), "a")
         rollouts_file = open(os.path.join(output_dir, "rollouts.jsonl"), "a") if cfg.log_rollouts else None
         print(f"{cfg.algo} | model {cfg.model} | {device} x {world_size} | {precision} | {len(train_problems)} train "
-              f"/ {len(held_out)} held-out problems | {cfg.prompts_per_step} prompts x {cfg.group_size} samples per step")
-
-    def log(record: dict) -> None:
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
+              f"/ {len(held_out)} held-out problems | {cfg.prompts_per_step} prompts x {cfg.group_size} samples per step"
+              + (f" | answers checked: {answer_checker()}" if reward_fn is math_reward else "")
+              + (f"\nresumed from {checkpoint} at step {start_step}" if checkpoint else ""))
 
     def evaluate_and_log(step: int, show: int) -> dict:
-        nonlocal step0_answers
-        record, step0_answers = evaluate(policy, tokenizer, held_out, probe_problems, cfg, step, reward_fn,
-                                         precision, step0_answers, show)
-        log(record)
+        nonlocal step0_reference
+        record, step0_reference = evaluate(policy, tokenizer, held_out, probes, cfg, step, reward_fn, precision,
+                                           step0_reference, show, rank, world_size)
+        if is_main:
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
         return record
 
-    if is_main:
-        first_eval = last_eval = evaluate_and_log(start_step, cfg.show_examples)
+    def close_logs() -> None:
+        for file in (metrics_file, rollouts_file):
+            if file is not None:
+                file.close()
+
+    if not checkpoint:
+        first_eval = last_eval = evaluate_and_log(0, cfg.show_examples)
     progress = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc=cfg.algo,
                     disable=not is_main)
-    for step in progress:
-        torch.manual_seed(step_seed(cfg.seed, step, rank))
-        problems = data_rng.sample(train_problems, cfg.prompts_per_step)
-        share = len(problems) // world_size
-        record, rows = training_step(policy, reference, log_z_head, optimizer, tokenizer,
-                                     problems[rank * share:(rank + 1) * share], cfg, reward_fn, precision,
-                                     world_size)
-        scheduler.step()
-        if cfg.log_rollouts and world_size > 1:
-            gathered = [None] * world_size
-            dist.all_gather_object(gathered, rows)
-            rows = [row for rank_rows in gathered for row in rank_rows]
-        if not is_main:
-            continue
-        log({"split": "train", "step": step + 1, "algo": cfg.algo, **record, "lr": scheduler.get_last_lr()[0]})
-        progress.set_postfix(reward=f"{record['reward_mean']:.2f}", loss=f"{record['loss']:.3g}",
-                             log_z=f"{record.get('log_z_mean', 0.0):.2f}")
-        if rollouts_file is not None:
-            for row in rows:
-                rollouts_file.write(json.dumps({"step": step + 1, **row}) + "\n")
-            rollouts_file.flush()
-        done = step + 1 == cfg.steps
-        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and not done:
-            evaluate_and_log(step + 1, 0)
-        if done or (cfg.save_every and (step + 1) % cfg.save_every == 0):
-            path = save_checkpoint(output_dir, policy, tokenizer, log_z_head, optimizer, scheduler, step + 1,
-                                   data_rng, cfg, step0_answers)
-            tqdm.write(f"step {step + 1}: checkpoint saved to {path}")
+    with StopOnSignal() as stop:
+        for step in progress:
+            set_hyperparameters(optimizer, cfg, step)
+            torch.manual_seed(derived_seed(cfg.seed, step, "dropout", rank))   # log Z dropout, mini-batch order
+            problems = data_rng.sample(train_problems, cfg.prompts_per_step)
+            share = len(problems) // world_size
+            mine = range(rank * share, (rank + 1) * share)
+            record, rows = training_step(policy, reference, log_z_head, optimizer, tokenizer,
+                                         [problems[i] for i in mine], cfg, reward_fn, precision, world_size,
+                                         seeds=[derived_seed(cfg.seed, step, "rollouts", i) for i in mine])
+            if cfg.log_rollouts and world_size > 1:
+                gathered = [None] * world_size
+                dist.all_gather_object(gathered, rows)
+                rows = [row for rank_rows in gathered for row in rank_rows]
+            if is_main:
+                metrics_file.write(json.dumps({"split": "train", "step": step + 1, "algo": cfg.algo, **record,
+                                               "lr": optimizer.param_groups[0]["lr"]}) + "\n")
+                metrics_file.flush()
+                progress.set_postfix(reward=f"{record['reward_mean']:.2f}", loss=f"{record['loss']:.3g}",
+                                     log_z=f"{record.get('log_z_mean', 0.0):.2f}")
+                if rollouts_file is not None:
+                    rollouts_file.writelines(json.dumps({"step": step + 1, **row}) + "\n" for row in rows)
+                    rollouts_file.flush()
+            done = step + 1 == cfg.steps
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and not done:
+                evaluate_and_log(step + 1, 0)
+            stopping = stop.requested(world_size)
+            if is_main and (done or stopping or (cfg.save_every and (step + 1) % cfg.save_every == 0)):
+                path = save_checkpoint(output_dir, policy, tokenizer, log_z_head, optimizer, step + 1, data_rng, cfg,
+                                       step0_reference)
+                tqdm.write(f"step {step + 1}: checkpoint saved to {path}")
+            if stopping:
+                if is_main:
+                    close_logs()
+                    print(f"stopped by {stop.signal_name or 'another process'} after step {step + 1}; continue "
+                          f"with: python flowrl.py --resume {output_dir}")
+                if world_size > 1:
+                    dist.barrier()      # the others wait for rank 0's checkpoint before they exit
+                raise SystemExit(128 + signal.Signals[stop.signal_name] if stop.signal_name else 1)
     progress.close()
 
+    if start_step < cfg.steps:
+        last_eval = evaluate_and_log(cfg.steps, cfg.show_examples)
     if is_main:
-        if start_step < cfg.steps:
-            last_eval = evaluate_and_log(cfg.steps, cfg.show_examples)
-        metrics_file.close()
-        if rollouts_file is not None:
-            rollouts_file.close()
+        close_logs()
         print_summary(first_eval, last_eval)
     if world_size > 1:
         dist.barrier()
@@ -1180,6 +1402,61 @@ def distinct_n(token_sequences: list, n: int = 2) -> float:
     return len(set(ngrams)) / len(ngrams) if ngrams else 0.0
 
 
+@torch.no_grad()
+def accuracy_metrics(model, tokenizer, problems: list[Problem], cfg: Config, step: int, reward_fn,
+                     precision: str = "fp32", rank: int = 0, world_size: int = 1, progress=None) -> tuple[dict, list]:
+    """Greedy accuracy; pass@1 and pass@k from --eval-samples n samples at the evaluation temperature and top-p
+    (pass@1 is the mean accuracy of the n samples: the paper's Avg@n); distinct completions and distinct-2 of those
+    samples; lengths. Each process scores every world_size-th problem, and problem i's samples come from the seed
+    (run seed, step, "eval_samples", i), so the numbers do not depend on the number of processes.
+    Returns (the metrics, each problem's row: its greedy and first sampled completion and their rewards)."""
+    indices = list(range(rank, len(problems), world_size))
+    rows_per_call, n = cfg.prompts_per_step * cfg.group_size, cfg.eval_samples
+    chunk = max(1, rows_per_call // n)
+    rows = []
+    for start in range(0, len(indices), rows_per_call):          # greedy, rows_per_call problems a call
+        batch = indices[start:start + rows_per_call]
+        with autocast(model, precision):
+            rollouts = sample_completions(model, tokenizer, [format_prompt(tokenizer, problems[i].question) for i in batch],
+                                          1, cfg.max_new_tokens, greedy=True)
+        for i, text, length in zip(batch, rollouts.texts, rollouts.completion_mask.sum(-1).tolist()):
+            rows.append({"greedy": text, "greedy_correct": reward_fn(text, problems[i].answer), "greedy_length": length})
+        if progress is not None:
+            progress.update()
+    for start in range(0, len(indices), chunk):                  # n samples each, chunk problems a call
+        batch = indices[start:start + chunk]
+        with autocast(model, precision):
+            rollouts = sample_completions(model, tokenizer, [format_prompt(tokenizer, problems[i].question) for i in batch],
+                                          n, cfg.max_new_tokens, temperature=cfg.eval_temperature, top_p=cfg.eval_top_p,
+                                          seeds=[derived_seed(cfg.seed, step, "eval_samples", i) for i in batch])
+        rewards = score(rollouts.texts, [problems[i] for i in batch], n, reward_fn)
+        for g, i in enumerate(batch):
+            group = slice(g * n, (g + 1) * n)
+            texts, correct = rollouts.texts[group], rewards[group]
+            token_lists = [ids[mask.bool()].tolist() for ids, mask in
+                           zip(rollouts.completion_ids[group], rollouts.completion_mask[group])]
+            rows[start + g].update(
+                sampled=texts[0], sampled_correct=correct[0].item(), correct=int(correct.sum()),
+                distinct=len(set(texts)), distinct_correct=len({t for t, r in zip(texts, correct) if r == 1.0}),
+                distinct_2=distinct_n(token_lists, 2), sample_length=rollouts.completion_mask[group].sum(-1).float().mean().item())
+        if progress is not None:
+            progress.update()
+    rows = gather_shards(rows, world_size)
+    mean = lambda key: float(np.mean([row[key] for row in rows]))
+    return {
+        "greedy_accuracy": mean("greedy_correct"),
+        "pass@1": float(np.mean([row["correct"] / n for row in rows])),
+        f"pass@{cfg.pass_k}": float(np.mean([pass_at_k(n, row["correct"], cfg.pass_k) for row in rows])),
+        "distinct_per_prompt": mean("distinct"),
+        "distinct_correct_per_prompt": mean("distinct_correct"),
+        "distinct_2": mean("distinct_2"),
+        "greedy_length_mean": mean("greedy_length"),
+        "sample_length_mean": mean("sample_length"),
+        "samples_per_prompt": n,
+    }, rows
+
+
+# ---- Does the policy keep the spread of correct answers? (--dist-prompts, on by default for --task pick) --------
 def entropy(counts: dict) -> float:
     """Plug-in entropy in nats of the distribution the counts give (0 for no or one answer).
 
@@ -1214,22 +1491,69 @@ def smoothed_kl(p_counts: dict, q_counts: dict, alpha: float = 0.5) -> Optional[
 NO_ANSWER = "(no answer)"
 
 
-def sample_answers(model, tokenizer, problems: list[Problem], cfg: Config, reward_fn, precision: str) -> list[dict]:
-    """--dist-samples completions of each problem at the training temperature and top-p 1 (the distribution
-    training matches); for each problem, how often each final answer came, and each correct one."""
+def sample_answers(model, tokenizer, problems: list[Problem], indices: list[int], cfg: Config, seed_key: tuple,
+                   reward_fn, precision: str, progress=None) -> list[dict]:
+    """--dist-samples completions of each problems[i], i in indices, at the training temperature and top-p 1 (the
+    distribution training matches), problem i's from the seed (*seed_key, i); for each, how often each final
+    answer came, and each correct one."""
     n = cfg.dist_samples
     chunk = max(1, cfg.prompts_per_step * cfg.group_size // n)
     counted = []
-    for i in range(0, len(problems), chunk):
+    for start in range(0, len(indices), chunk):
+        batch = indices[start:start + chunk]
         with autocast(model, precision):
-            rollouts = sample_completions(model, tokenizer, [format_prompt(tokenizer, p.question) for p in problems[i:i + chunk]],
-                                          n, cfg.max_new_tokens, temperature=cfg.temperature)
-        rewards = score(rollouts.texts, problems[i:i + chunk], n, reward_fn)
-        for g in range(len(rollouts.texts) // n):
+            rollouts = sample_completions(model, tokenizer, [format_prompt(tokenizer, problems[i].question) for i in batch],
+                                          n, cfg.max_new_tokens, temperature=cfg.temperature,
+                                          seeds=[derived_seed(*seed_key, i) for i in batch])
+        rewards = score(rollouts.texts, [problems[i] for i in batch], n, reward_fn)
+        for g in range(len(batch)):
             answers = [final_answer(text) or NO_ANSWER for text in rollouts.texts[g * n:(g + 1) * n]]
             correct = [answer for answer, r in zip(answers, rewards[g * n:(g + 1) * n]) if r == 1.0]
             counted.append({"answers": dict(collections.Counter(answers)), "correct": dict(collections.Counter(correct))})
+        if progress is not None:
+            progress.update()
     return counted
+
+
+@torch.no_grad()
+def answer_logprobs(model, tokenizer, problems: list[Problem], cfg: Config, precision: str) -> list[dict]:
+    """The exact log pi(y|x) (at the training temperature) of each correct answer of each pick problem, written as
+    the chat template frames a response: the bare number, then EOS. One forward pass for all of them.
+
+    Eq. 6's fixed point gives responses of equal length and equal reward the same ratio pi_theta / pi_ref, so the
+    spread of log pi_theta(y|x) - log pi_ref(y|x) over a prompt's correct answers is 0 when the policy keeps
+    pi_ref's preferences among them, and grows as it collapses onto one. One phrasing per answer only: the sampled
+    answer distribution covers all phrasings."""
+    device = next(model.parameters()).device
+    answers = [problem.answer.split(", ") for problem in problems]
+    prompts = tokenizer([format_prompt(tokenizer, problem.question) for problem in problems], return_tensors="pt",
+                        padding=True, add_special_tokens=False).to(device)                     # [P, L]
+    responses = [tokenizer(answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+                 for problem_answers in answers for answer in problem_answers]
+    longest = max(map(len, responses))
+    completion_ids = torch.tensor([ids + [tokenizer.pad_token_id] * (longest - len(ids)) for ids in responses],
+                                  device=device)                                             # [rows, T]
+    completion_mask = (torch.arange(longest, device=device) < torch.tensor([len(ids) for ids in responses],
+                                                                           device=device)[:, None]).long()
+    per_problem = torch.tensor([len(a) for a in answers], device=device)
+    rollouts = Rollouts(
+        input_ids=torch.cat([prompts.input_ids.repeat_interleave(per_problem, dim=0), completion_ids], 1),
+        attention_mask=torch.cat([prompts.attention_mask.repeat_interleave(per_problem, dim=0), completion_mask], 1),
+        prompt_length=prompts.input_ids.shape[1], completion_mask=completion_mask,
+        truncated=torch.zeros(len(responses), dtype=torch.bool), texts=[""] * len(responses))
+    token_logprobs = batched_token_logprobs(model, rollouts, cfg.temperature, cfg.micro_batch_size, precision)
+    sequence = (token_logprobs * rollouts.completion_mask).sum(-1).tolist()                       # [rows]
+    offsets = list(itertools.accumulate(per_problem.tolist(), initial=0))
+    return [dict(zip(answers[p], sequence[offsets[p]:offsets[p + 1]])) for p in range(len(problems))]
+
+
+def ratio_spread(logprobs: dict, ref_logprobs: dict) -> float:
+    """The standard deviation, over a prompt's correct answers, of log pi_theta(y|x) - log pi_ref(y|x).
+
+    >>> ratio_spread({"3": -1.0, "7": -2.0}, {"3": -1.5, "7": -2.5}), ratio_spread({"3": -1.0, "7": -3.0}, {"3": -2.0, "7": -2.0})
+    (0.0, 1.0)
+    """
+    return float(np.std([logprobs[answer] - ref_logprobs[answer] for answer in logprobs]))
 
 
 def distribution_metrics(counted: list[dict], reference: list[dict], prefix: str) -> dict:
@@ -1247,112 +1571,103 @@ def distribution_metrics(counted: list[dict], reference: list[dict], prefix: str
     }
 
 
-def print_histogram(question: str, counted: dict, temperature: float, step: int) -> None:
-    """A text histogram of one prompt's final answers (* marks a correct one)."""
+def answer_distribution(model, tokenizer, probes: dict, cfg: Config, step: int, reward_fn, precision: str,
+                        step0_reference: Optional[dict], rank: int = 0, world_size: int = 1,
+                        progress=None) -> tuple[dict, dict]:
+    """On each list of probe prompts (held-out, train): the sampled answer-distribution metrics against the step-0
+    reference, and, on the pick task, the exact log-ratio spread. Every draw has its own seed, so no two share
+    random numbers whatever the lengths of earlier samples: the step-0 reference (run seed, 0, "reference/...",
+    prompt), this step's sample (run seed, step, "answers/...", prompt). At the first evaluation of a run (no
+    reference given) the reference is drawn too, and this step's sample, a second independent draw of the same
+    model, gives the noise floor of the KL at this sample size. Returns (the metrics, the step-0 reference)."""
+    exact = cfg.task == "pick" and cfg.data is None
+    if step0_reference is None:
+        step0_reference = {"answers": {}, "logprobs": {}}
+        for name, problems in probes.items():
+            indices = list(range(rank, len(problems), world_size))
+            step0_reference["answers"][name] = gather_shards(sample_answers(
+                model, tokenizer, problems, indices, cfg, (cfg.seed, 0, f"reference/{name}"), reward_fn, precision,
+                progress), world_size)
+            step0_reference["logprobs"][name] = answer_logprobs(model, tokenizer, problems, cfg, precision) if exact else None
+    metrics, histogram = {}, None
+    for name, problems in probes.items():
+        indices = list(range(rank, len(problems), world_size))
+        counted = gather_shards(sample_answers(model, tokenizer, problems, indices, cfg, (cfg.seed, step, f"answers/{name}"),
+                                               reward_fn, precision, progress), world_size)
+        metrics.update(distribution_metrics(counted, step0_reference["answers"][name], name))
+        if exact:
+            logprobs = answer_logprobs(model, tokenizer, problems, cfg, precision)
+            spreads = [ratio_spread(now, then) for now, then in zip(logprobs, step0_reference["logprobs"][name])]
+            metrics[f"{name}_ratio_spread"] = float(np.mean(spreads))
+        if name == "train":
+            histogram = {"question": problems[0].question, **counted[0]}
+            if exact:
+                histogram["log_ratio"] = {a: logprobs[0][a] - step0_reference["logprobs"][name][0][a] for a in logprobs[0]}
+    return {**metrics, "dist_samples": cfg.dist_samples, "histogram": histogram}, step0_reference
+
+
+def evaluate(model, tokenizer, problems: list[Problem], probes: dict, cfg: Config, step: int, reward_fn,
+             precision: str = "fp32", step0_reference: Optional[dict] = None, show: int = 0, rank: int = 0,
+             world_size: int = 1) -> tuple[dict, Optional[dict]]:
+    """One evaluation at `step`: accuracy_metrics on the held-out problems and, with --dist-prompts, the
+    answer_distribution on the probe prompts; every process takes its share and all get the whole record.
+    Returns (the record, the step-0 reference of the answer distributions)."""
+    start = time.perf_counter()
+    progress = tqdm(desc=f"evaluating step {step}", unit="batch", leave=False, disable=rank != 0)
+    record = {"split": "eval", "step": step, "algo": cfg.algo}
+    metrics, rows = accuracy_metrics(model, tokenizer, problems, cfg, step, reward_fn, precision, rank, world_size,
+                                     progress)
+    record.update(metrics)
+    record["examples"] = [{"question": p.question, "answer": p.answer, "greedy": row["greedy"],
+                           "sampled": row["sampled"]} for p, row in list(zip(problems, rows))[:show]]
+    if any(probes.values()):
+        distribution, step0_reference = answer_distribution(model, tokenizer, probes, cfg, step, reward_fn, precision,
+                                                            step0_reference, rank, world_size, progress)
+        record.update(distribution)
+    progress.close()
+    record["eval_seconds"] = time.perf_counter() - start
+    if show and rank == 0:
+        print(f"\nHeld-out examples at step {step}:")
+        for example, row in zip(record["examples"], rows):
+            print(f"  Q: {example['question']}  (answer {example['answer']})\n"
+                  f"     greedy  (reward {row['greedy_correct']:.0f}): {example['greedy'].strip()[:300]!r}\n"
+                  f"     sampled (reward {row['sampled_correct']:.0f}): {example['sampled'].strip()[:300]!r}")
+        if record.get("histogram"):
+            print_histogram(record["histogram"], cfg.temperature, step)
+    return record, step0_reference
+
+
+def print_histogram(counted: dict, temperature: float, step: int) -> None:
+    """A text histogram of one prompt's final answers (* marks a correct one), with the exact log-ratio
+    log pi_theta(y|x) - log pi_ref(y|x) of each correct answer when there is one."""
     n = sum(counted["answers"].values())
-    print(f"\nAnswers to {question!r}: {n} samples at T={temperature}, step {step} (* = correct)")
+    log_ratio = counted.get("log_ratio") or {}
+    print(f"\nAnswers to {counted['question']!r}: {n} samples at T={temperature}, step {step} (* = correct"
+          + (", then log pi_theta/pi_ref of the bare answer" if log_ratio else "") + ")")
     for answer, count in sorted(counted["answers"].items(), key=lambda item: (-item[1], item[0])):
         mark = "*" if answer in counted["correct"] else " "
-        print(f"  {mark} {answer:>12.12}  {'#' * count} {count}")
+        ratio = f"  ({log_ratio[answer]:+.2f})" if answer in log_ratio else ""
+        print(f"  {mark} {answer:>12.12}  {'#' * count} {count}{ratio}")
 
 
-@torch.no_grad()
-def evaluate(model, tokenizer, problems: list[Problem], probe_problems: list[Problem], cfg: Config, step: int,
-             reward_fn, precision: str = "fp32", step0_answers: Optional[dict] = None,
-             show: int = 0) -> tuple[dict, dict]:
-    """Held-out greedy accuracy, pass@1 and pass@k from n samples at the evaluation temperature and top-p, the
-    diversity of those samples; and the answer-distribution metrics on --dist-prompts held-out prompts and as
-    many fixed training prompts (`probe_problems`).
-
-    The step-0 answer counts are the reference the KL is measured against. With none given (the first
-    evaluation of a run), they are drawn here, and a second, independent draw of the same model is scored
-    against them: its KL is the noise floor of the estimate at this sample size.
-    Returns (the record, the step-0 answer counts).
-    """
-    # Its own random stream: sampling here neither changes nor depends on the training run's.
-    device = next(model.parameters()).device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(cfg.seed)
-        start = time.perf_counter()
-        prompts = [format_prompt(tokenizer, p.question) for p in problems]
-        rows_per_call = cfg.prompts_per_step * cfg.group_size
-        greedy_texts, greedy_lengths = [], []
-        for i in range(0, len(prompts), rows_per_call):
-            with autocast(model, precision):
-                rollouts = sample_completions(model, tokenizer, prompts[i:i + rows_per_call], 1, cfg.max_new_tokens,
-                                              greedy=True)
-            greedy_texts += rollouts.texts
-            greedy_lengths += rollouts.completion_mask.sum(-1).tolist()
-        greedy_correct = [reward_fn(text, p.answer) for text, p in zip(greedy_texts, problems)]
-
-        n = cfg.eval_samples
-        chunk = max(1, rows_per_call // n)
-        pass_1, pass_k, distinct, distinct_correct, distinct_2, sample_lengths = [], [], [], [], [], []
-        first_samples = []  # (text, reward) of each problem's first sample, for the examples shown
-        for i in range(0, len(prompts), chunk):
-            with autocast(model, precision):
-                rollouts = sample_completions(model, tokenizer, prompts[i:i + chunk], n, cfg.max_new_tokens,
-                                              temperature=cfg.eval_temperature, top_p=cfg.eval_top_p)
-            rewards = score(rollouts.texts, problems[i:i + chunk], n, reward_fn)
-            sample_lengths += rollouts.completion_mask.sum(-1).tolist()
-            for g in range(len(rollouts.texts) // n):
-                group = slice(g * n, (g + 1) * n)
-                texts, correct = rollouts.texts[group], rewards[group]
-                first_samples.append((texts[0], correct[0].item()))
-                c = int(correct.sum())
-                pass_1.append(c / n)
-                pass_k.append(pass_at_k(n, c, cfg.pass_k))
-                distinct.append(len(set(texts)))
-                distinct_correct.append(len({t for t, r in zip(texts, correct) if r == 1.0}))
-                token_lists = [ids[mask.bool()].tolist() for ids, mask in
-                               zip(rollouts.completion_ids[group], rollouts.completion_mask[group])]
-                distinct_2.append(distinct_n(token_lists, 2))
-        record = {
-            "split": "eval", "step": step, "algo": cfg.algo,
-            "greedy_accuracy": float(np.mean(greedy_correct)),
-            "pass@1": float(np.mean(pass_1)),
-            f"pass@{cfg.pass_k}": float(np.mean(pass_k)),
-            "distinct_per_prompt": float(np.mean(distinct)),
-            "distinct_correct_per_prompt": float(np.mean(distinct_correct)),
-            "distinct_2": float(np.mean(distinct_2)),
-            "greedy_length_mean": float(np.mean(greedy_lengths)),
-            "sample_length_mean": float(np.mean(sample_lengths)),
-            "samples_per_prompt": n,
-            "examples": [{"question": p.question, "answer": p.answer, "greedy": t, "sampled": s}
-                         for p, t, (s, _) in list(zip(problems, greedy_texts, first_samples))[:show]],
-        }
-
-        if probe_problems:
-            draws = {"held_out": problems[:len(probe_problems)], "train": probe_problems}
-            counted = {name: sample_answers(model, tokenizer, subset, cfg, reward_fn, precision)
-                       for name, subset in draws.items()}
-            if step0_answers is None:
-                step0_answers = counted
-                counted = {name: sample_answers(model, tokenizer, subset, cfg, reward_fn, precision)
-                           for name, subset in draws.items()}
-            for name in draws:
-                record.update(distribution_metrics(counted[name], step0_answers[name], name))
-            record["dist_samples"] = cfg.dist_samples
-            record["histogram"] = {"question": probe_problems[0].question, **counted["train"][0]}
-        record["eval_seconds"] = time.perf_counter() - start
-
-    if show:
-        print(f"\nHeld-out examples at step {step}:")
-        for example, correct, (_, sample_correct) in zip(record["examples"], greedy_correct, first_samples):
-            print(f"  Q: {example['question']}  (answer {example['answer']})\n"
-                  f"     greedy  (reward {correct:.0f}): {example['greedy'].strip()[:300]!r}\n"
-                  f"     sampled (reward {sample_correct:.0f}): {example['sampled'].strip()[:300]!r}")
-        if "histogram" in record:
-            print_histogram(record["histogram"]["question"], record["histogram"], cfg.temperature, step)
-    return record, step0_answers
+SUMMARY_LABELS = {"greedy_accuracy": "greedy accuracy", "pass@1": "pass@1 (= avg@n)", "distinct_per_prompt":
+                  "distinct completions / prompt", "distinct_correct_per_prompt": "distinct correct / prompt",
+                  "distinct_2": "distinct-2", "greedy_length_mean": "greedy length (tokens)",
+                  "sample_length_mean": "sampled length (tokens)"}
 
 
-def print_summary(before: dict, after: dict) -> None:
-    keys = [k for k in before if isinstance(before[k], float) and k != "eval_seconds"]
-    print(f"\n{'held-out':<28}{'step ' + str(before['step']):>12}{'step ' + str(after['step']):>12}")
-    for key in keys:
-        if isinstance(after.get(key), float):
-            print(f"{key:<28}{before[key]:>12.3f}{after[key]:>12.3f}")
+def print_summary(before: Optional[dict], after: Optional[dict]) -> None:
+    """The held-out metrics at the first and the last evaluation, side by side (one column when they are one)."""
+    evaluations = [record for record in (before, after) if record is not None]
+    if before is after:
+        evaluations = evaluations[:1]
+    if not evaluations:
+        return
+    print(f"\n{'held-out':<34}" + "".join(f"{'step ' + str(record['step']):>12}" for record in evaluations))
+    for key, value in evaluations[0].items():
+        if isinstance(value, float) and key != "eval_seconds" and all(isinstance(r.get(key), float) for r in evaluations):
+            label = SUMMARY_LABELS.get(key, key.replace("_", " ").replace("kl to step0", "KL to step 0"))
+            print(f"{label:<34}" + "".join(f"{record[key]:>12.3f}" for record in evaluations))
 
 
 # =====================================================================================================

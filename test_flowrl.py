@@ -9,6 +9,7 @@ import re
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be downloaded during the tests
 
+import numpy as np
 import pytest
 import torch
 
@@ -104,8 +105,62 @@ def test_extract_answer(text, expected):
     ("1/0", "3", 0.0),                         # malformed fraction is no answer, not a crash
     ("The answer is 8", "8.000001", 0.0),
 ])
-def test_math_reward(completion, answer, reward):
+def test_math_reward(monkeypatch, completion, answer, reward):
+    monkeypatch.setattr(flowrl, "math_verify", None)       # the numeric checker, whether math-verify is installed or not
     assert math_reward(completion, answer) == reward
+
+
+@pytest.mark.parametrize("completion, answer, reward", [
+    # MATH-style references that the numeric checker scores 0
+    (r"\boxed{\frac{\sqrt3}{2}}", r"\frac{\sqrt{3}}{2}", 1.0),
+    (r"\boxed{\left( 3, \frac{\pi}{2} \right)}", r"(3, \frac{\pi}{2})", 1.0),
+    (r"\boxed{-q + p}", "p - q", 1.0),
+    (r"The answer is \boxed{C}", r"\text{(C)}", 1.0),
+    (r"\boxed{\text{12}}", "12", 1.0),
+    ("\\boxed{\u22125}", "-5", 1.0),                     # a Unicode minus
+    (r"\boxed{1 + x^2}", "x^2+1", 1.0),
+    (r"\boxed{\{2, 1\}}", r"\{1,2\}", 1.0),
+    (r"\boxed{2x}", "x2", 1.0),
+    (r"\boxed{y = 2x + 1}", "2x + 1", 1.0),
+    # and what the numeric checker already got right
+    (r"\boxed{\dfrac{14}{3}}", "14/3", 1.0),
+    (r"\boxed{10\%}", "10", 1.0),
+    ("It costs $1,000.", "1000", 1.0),
+    ("She has 72 clips.", "Natalia sold 48/2 = 24 clips in May.\n#### 72", 1.0),
+    (r"\boxed{0.5}", r"\frac{1}{2}", 1.0),
+    # unequal
+    (r"\boxed{\frac{\sqrt{3}}{3}}", r"\frac{\sqrt{3}}{2}", 0.0),
+    (r"\boxed{(3, \frac{\pi}{4})}", r"(3, \frac{\pi}{2})", 0.0),
+    (r"\boxed{p + q}", "p - q", 0.0),
+    (r"\boxed{D}", r"\text{(C)}", 0.0),
+    (r"\boxed{\sqrt{2}}", "1.414", 0.0),
+    (r"\boxed{x^2 - 1}", "x^2+1", 0.0),
+    ("\\boxed{5}", "-5", 0.0),
+    ("no answer here", r"\frac{1}{2}", 0.0),
+    ("", "3", 0.0),
+])
+def test_math_reward_with_math_verify_compares_symbolic_answers(completion, answer, reward):
+    pytest.importorskip("math_verify", reason="math-verify is not installed: the symbolic checker is off")
+    assert flowrl.math_verify is not None
+    assert math_reward(completion, answer) == reward
+
+
+def test_a_verifier_that_raises_or_hangs_scores_zero_and_is_reported_once(monkeypatch, capsys):
+    math_verify = pytest.importorskip("math_verify", reason="math-verify is not installed")
+    import time
+    monkeypatch.setattr(flowrl, "_reported_failures", set())
+    monkeypatch.setattr(flowrl, "VERIFY_SECONDS", 0.3)
+
+    def broken(*args, **kwargs):
+        raise RecursionError("maximum recursion depth exceeded")
+    monkeypatch.setattr(math_verify, "verify", broken)
+    assert math_reward(r"\boxed{3}", "3") == 0.0 and math_reward(r"\boxed{4}", "4") == 0.0
+    assert capsys.readouterr().out.count("math-verify could not check") == 1
+    monkeypatch.setattr(math_verify, "verify", lambda *args, **kwargs: time.sleep(30))
+    started = time.perf_counter()
+    assert math_reward(r"\boxed{3}", "3") == 0.0
+    assert time.perf_counter() - started < 5
+    assert "TimeoutError" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -447,7 +502,8 @@ def test_jsonl_loader_gsm8k_format(tmp_path):
 
 @pytest.mark.parametrize("content, message", [
     ('{"question": "a", "answer": "1"}\nnot json\n', "line 2: not valid JSON"),
-    ('{"question": "a"}\n', "expected an object with keys"),
+    ('{"question": "a"}\n', "expected an object with keys 'question' and 'answer' \\(it has 'question'\\); "
+                             "--question-field and --answer-field"),
     ("\n\n", "no problems"),
 ])
 def test_jsonl_loader_rejects_malformed_files(tmp_path, content, message):
@@ -638,20 +694,24 @@ def test_real_model_generates_and_takes_one_flowrl_step(tmp_path):
 # ------------------------------------------------------------------------------------------------------
 # Exactly pi_theta: the sampler's distribution, the model's own logits, the Qwen path
 # ------------------------------------------------------------------------------------------------------
-def sample_keeping_scores(model, tokenizer, prompts, samples_per_prompt, **kwargs):
-    """sample_completions, keeping the scores generate() sampled from and the model's raw logits, [B, T, V]."""
-    generate, captured = model.generate, {}
+def sample_keeping_scores(monkeypatch, model, tokenizer, prompts, samples_per_prompt, **kwargs):
+    """sample_completions, keeping the scores each token was drawn from, [B, T, V], and the model's own logits at
+    those positions from one full forward pass over prompt + completion, [B, T, V]."""
+    captured, draw = [], flowrl.sample_from_scores
 
-    def generate_and_keep_scores(*args, **generate_kwargs):
-        out = generate(*args, **generate_kwargs, output_scores=True, output_logits=True, return_dict_in_generate=True)
-        captured.update(scores=torch.stack(out.scores, 1), logits=torch.stack(out.logits, 1))
-        return out.sequences
-    model.generate = generate_and_keep_scores
-    try:
-        rollouts = flowrl.sample_completions(model, tokenizer, prompts, samples_per_prompt, **kwargs)
-    finally:
-        del model.generate
-    return rollouts, captured["scores"], captured["logits"]
+    def draw_and_keep_scores(scores, uniforms):
+        captured.append(scores.clone())
+        return draw(scores, uniforms)
+    monkeypatch.setattr(flowrl, "sample_from_scores", draw_and_keep_scores)
+    rollouts = flowrl.sample_completions(model, tokenizer, prompts, samples_per_prompt, **kwargs)
+    monkeypatch.undo()
+    prompt_length, steps = rollouts.prompt_length, len(captured)
+    # the decode loop feeds every drawn token back with attention 1 (rows that ended too), as this pass does
+    mask = torch.cat([rollouts.attention_mask[:, :prompt_length], torch.ones(len(rollouts.texts), steps, dtype=torch.long)], 1)
+    with torch.no_grad():
+        logits = model(input_ids=rollouts.input_ids, attention_mask=mask,
+                       position_ids=flowrl.position_ids_from_mask(mask)).logits[:, prompt_length - 1:-1]
+    return rollouts, torch.stack(captured, 1), logits
 
 
 def assert_sampled_from_softmax_over_temperature(scores, logits, temperature, top_p):
@@ -667,8 +727,8 @@ def assert_sampled_from_softmax_over_temperature(scores, logits, temperature, to
 
 
 @pytest.mark.parametrize("temperature, top_p", [(0.7, 1.0), (0.6, 0.95)])
-def test_sampler_draws_from_softmax_of_logits_over_temperature_whatever_the_model_config(tiny_model_dir, temperature,
-                                                                                           top_p):
+def test_sampler_draws_from_softmax_of_logits_over_temperature_whatever_the_model_config(monkeypatch, tiny_model_dir,
+                                                                                           temperature, top_p):
     """The model's generation_config asks for every distribution-changing option; the sampler must ignore them
     all, and the training pass must score the sampled tokens with the sampler's log-probs."""
     model, tokenizer = flowrl.load_model_and_tokenizer(tiny_model_dir)
@@ -678,8 +738,8 @@ def test_sampler_draws_from_softmax_of_logits_over_temperature_whatever_the_mode
                                    repetition_penalty=3.0, no_repeat_ngram_size=1, bad_words_ids=[[5]],
                                    suppress_tokens=[6], epsilon_cutoff=0.01, min_new_tokens=3)
     torch.manual_seed(0)
-    rollouts, scores, logits = sample_keeping_scores(model, tokenizer, ["What is 1 + 1?", "Hi"], 4, max_new_tokens=5,
-                                                     temperature=temperature, top_p=top_p)
+    rollouts, scores, logits = sample_keeping_scores(monkeypatch, model, tokenizer, ["What is 1 + 1?", "Hi"], 4,
+                                                     max_new_tokens=5, temperature=temperature, top_p=top_p)
     assert_sampled_from_softmax_over_temperature(scores, logits, temperature, top_p)
     if top_p == 1.0:   # the training pass gives the sampled tokens the sampler's log-probs
         with torch.no_grad():
@@ -690,6 +750,51 @@ def test_sampler_draws_from_softmax_of_logits_over_temperature_whatever_the_mode
         mask = rollouts.completion_mask.bool()
         assert torch.allclose(logprobs[mask], sampler[mask], atol=1e-4)
     assert model.generation_config.repetition_penalty == 3.0   # the model's own config is left as it was
+
+
+def test_inverse_transform_draw_follows_the_softmax():
+    """sample_from_scores draws token i with probability softmax(scores)_i: 400,000 draws from one row, every
+    frequency within 5 standard errors of its probability; a token at -inf (outside a nucleus) is never drawn."""
+    scores = torch.tensor([2.0, 0.0, -1.0, -3.0, -8.0, float("-inf")])
+    probabilities = scores.softmax(-1).double()
+    draws = 400_000
+    torch.manual_seed(0)
+    tokens = flowrl.sample_from_scores(scores.expand(draws, -1), torch.rand(draws, 1, dtype=torch.float64))
+    frequencies = torch.bincount(tokens, minlength=6).double() / draws
+    standard_error = (probabilities * (1 - probabilities) / draws).sqrt()
+    assert ((frequencies - probabilities).abs() <= 5 * standard_error + 1e-12).all(), (frequencies, probabilities)
+    assert frequencies[4] > 0 and frequencies[5] == 0      # p = 2.3e-4 is drawn, p = 0 never
+    # the same uniforms give the same tokens: the draw is a function of (scores, u)
+    uniforms = torch.rand(8, 1, dtype=torch.float64)
+    assert torch.equal(flowrl.sample_from_scores(scores.expand(8, -1), uniforms),
+                       flowrl.sample_from_scores(scores.expand(8, -1), uniforms))
+
+
+@pytest.mark.parametrize("model_dir", ["tiny_model_dir", "tiny_qwen_dir"])
+def test_greedy_decoding_gives_the_tokens_of_generate(request, model_dir):
+    from transformers import GenerationConfig
+    model, tokenizer = flowrl.load_model_and_tokenizer(request.getfixturevalue(model_dir))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(10.0)     # confident logits: no near-ties for float rounding to flip
+    prompts = [flowrl.format_prompt(tokenizer, q) for q in ("What is 1 + 2?", "Hi")]   # left padding in row 1
+    rollouts = flowrl.sample_completions(model, tokenizer, prompts, 1, max_new_tokens=8, greedy=True)
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    model.generation_config = GenerationConfig()      # plain greedy, none of the model's own defaults
+    with torch.no_grad():
+        out = model.generate(**encoded, do_sample=False, max_new_tokens=8, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=flowrl.eos_token_ids(model, tokenizer))
+    assert torch.equal(rollouts.completion_ids, out[:, encoded.input_ids.shape[1]:])
+
+
+def test_each_prompts_samples_depend_only_on_its_seed(tiny):
+    """With a seed per prompt, a prompt's samples are the same whatever else is in the batch (other prompts, other
+    padding): what lets several processes split an evaluation and get one process's numbers."""
+    model, tokenizer = tiny
+    together = flowrl.sample_completions(model, tokenizer, ["What is 1 + 2?", "Hi"], 3, max_new_tokens=6, seeds=[7, 8])
+    alone = flowrl.sample_completions(model, tokenizer, ["Hi"], 3, max_new_tokens=6, seeds=[8])
+    other_seed = flowrl.sample_completions(model, tokenizer, ["Hi"], 3, max_new_tokens=6, seeds=[9])
+    assert together.texts[3:] == alone.texts
+    assert other_seed.texts != alone.texts
 
 
 def soft_capped_models():
@@ -770,13 +875,14 @@ def tiny_qwen_dir(tmp_path_factory):
     return str(path)
 
 
-def test_qwen_architecture_trains_saves_and_resumes_through_the_cli(tiny_qwen_dir, tmp_path):
+def test_qwen_architecture_trains_saves_and_resumes_through_the_cli(monkeypatch, tiny_qwen_dir, tmp_path):
     model, tokenizer = flowrl.load_model_and_tokenizer(tiny_qwen_dir)
     assert set(flowrl.eos_token_ids(model, tokenizer)) == set(tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"]))
     assert flowrl.format_prompt(tokenizer, "Hi?") == "<|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\n"
     torch.manual_seed(0)   # Qwen's Instruct sampling defaults (top-k 20, top-p 0.8, repetition penalty) are not applied
-    _, scores, logits = sample_keeping_scores(model, tokenizer, [flowrl.format_prompt(tokenizer, "What is 1 + 2?")], 4,
-                                              max_new_tokens=4, temperature=1.0)
+    _, scores, logits = sample_keeping_scores(monkeypatch, model, tokenizer,
+                                              [flowrl.format_prompt(tokenizer, "What is 1 + 2?")], 4, max_new_tokens=4,
+                                              temperature=1.0)
     assert_sampled_from_softmax_over_temperature(scores, logits, 1.0, 1.0)
     output_dir = str(tmp_path / "qwen")
     flags = ["--model", tiny_qwen_dir, "--output-dir", output_dir, "--prompts-per-step", "2", "--group-size", "4",
@@ -784,11 +890,15 @@ def test_qwen_architecture_trains_saves_and_resumes_through_the_cli(tiny_qwen_di
              "--eval-size", "4", "--eval-samples", "2", "--pass-k", "2", "--dist-prompts", "1", "--dist-samples", "4",
              "--show-examples", "0", "--lr", "1e-3", "--updates-per-batch", "2"]
     flowrl.main(flags + ["--steps", "1"])
+    saved = os.path.join(output_dir, "checkpoint")
+    step0_reference = torch.load(os.path.join(saved, "trainer_state.pt"), weights_only=False)["step0_reference"]
     flowrl.main(["--resume", output_dir, "--steps", "2"])
+    # the resumed run compares against the same step-0 answer counts
+    assert torch.load(os.path.join(saved, "trainer_state.pt"), weights_only=False)["step0_reference"] == step0_reference
+    assert step0_reference["answers"]["train"] and step0_reference["logprobs"]["train"] is None   # not the pick task
     records = read_metrics(output_dir)
     assert [r["step"] for r in records if r["split"] == "train"] == [1, 2]
     assert all(math.isfinite(r["loss"]) and r["skipped_updates"] == 0 for r in records if r["split"] == "train")
-    saved = os.path.join(output_dir, "checkpoint")
     assert torch.load(os.path.join(saved, "trainer_state.pt"), weights_only=False)["step"] == 2
     reloaded, _ = flowrl.load_model_and_tokenizer(saved)
     assert type(reloaded).__name__ == "Qwen2ForCausalLM"
@@ -975,8 +1085,357 @@ def test_two_processes_train_log_save_and_resume_through_the_cli(tiny_model_dir,
                                 args=(2, free_port(), ["--resume", output_dir, "--steps", "3"]))
     records = read_metrics(output_dir)
     assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3]
-    assert [r["step"] for r in records if r["split"] == "eval"] == [0, 2, 2, 3]   # start and end of each run
+    assert [r["step"] for r in records if r["split"] == "eval"] == [0, 2, 3]   # one run's log: no re-evaluation at the resume
     with open(os.path.join(output_dir, "rollouts.jsonl")) as f:
         assert len(f.readlines()) == 3 * 2 * 4      # both processes' completions, logged once
     state = torch.load(os.path.join(output_dir, "checkpoint", "trainer_state.pt"), weights_only=False)
     assert state["step"] == 3
+
+
+# ------------------------------------------------------------------------------------------------------
+# Independent draws, and the exact log-ratio spread
+# ------------------------------------------------------------------------------------------------------
+def every_answer_correct(completion, answer):
+    return 1.0      # every final answer counts, so that each prompt's correct-answer distribution is defined
+
+
+def pick_probes(count):
+    train, held_out = flowrl.pick_problems(50, split_seed=0)
+    return {"held_out": held_out[:count], "train": train[:count]}
+
+
+def test_an_unchanged_model_is_not_scored_against_its_own_random_numbers(tiny_model_dir, tmp_path):
+    """The same model evaluated at step 0 and at step 1: its KL to the step-0 reference is of the order of the
+    noise floor (two independent draws), not 0, and the step-1 answers differ from the reference's."""
+    model, tokenizer = flowrl.load_model_and_tokenizer(tiny_model_dir)
+    cfg = tiny_config(tiny_model_dir, tmp_path, task="pick", max_new_tokens=4, dist_prompts=4, dist_samples=16,
+                      eval_size=50)
+    probes = pick_probes(4)
+    step0_record, reference = flowrl.evaluate(model, tokenizer, probes["held_out"], probes, cfg, 0, every_answer_correct)
+    step1_record, _ = flowrl.evaluate(model, tokenizer, probes["held_out"], probes, cfg, 1, every_answer_correct,
+                                      step0_reference=reference)
+    for name in ("held_out", "train"):
+        floor, later = step0_record[f"{name}_kl_to_step0"], step1_record[f"{name}_kl_to_step0"]
+        assert floor > 0.1 and later > 0.3 * floor, (name, floor, later)
+    assert step1_record["histogram"]["answers"] != reference["answers"]["train"][0]
+    assert step0_record["histogram"]["answers"] != reference["answers"]["train"][0]   # the floor's draw is its own too
+
+
+def test_answer_logprobs_and_ratio_spread_on_a_model_whose_ratios_are_set(tiny_model_dir, tmp_path):
+    """Exact log pi(y|x) of the bare answers then EOS, checked against a plain forward pass of each sequence; the
+    spread of the log-ratios is 0 for the reference itself and grows when one answer is favoured (a bias on
+    the LM head's logit of "3")."""
+    model, tokenizer = flowrl.load_model_and_tokenizer(tiny_model_dir)
+    cfg = tiny_config(tiny_model_dir, tmp_path, task="pick", temperature=0.8)
+    problems = [p for p in pick_probes(8)["train"] if "3" in p.answer.split(", ")][:2]
+    reference = flowrl.answer_logprobs(model, tokenizer, problems, cfg, "fp32")
+    assert all(flowrl.ratio_spread(now, now) == 0.0 for now in reference)
+    three = tokenizer.convert_tokens_to_ids("3")
+    hook = model.lm_head.register_forward_hook(lambda module, inputs, output: output.index_add(
+        -1, torch.tensor([three]), torch.full((*output.shape[:-1], 1), 2.0)))
+    favoured = flowrl.answer_logprobs(model, tokenizer, problems, cfg, "fp32")
+    for problem, logprobs in zip(problems, favoured):
+        assert set(logprobs) == set(problem.answer.split(", "))
+        for answer, value in logprobs.items():     # a plain pass over prompt + answer + EOS, no padding, no sharing
+            prompt = tokenizer(flowrl.format_prompt(tokenizer, problem.question), add_special_tokens=False).input_ids
+            response = tokenizer(answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([prompt + response])).logits[0, len(prompt) - 1:-1] / 0.8
+            expected = logits.log_softmax(-1).gather(-1, torch.tensor(response)[:, None]).sum().item()
+            assert value == pytest.approx(expected, abs=1e-4)
+    hook.remove()
+    spreads = [flowrl.ratio_spread(now, then) for now, then in zip(favoured, reference)]
+    log_ratios = {a: favoured[0][a] - reference[0][a] for a in favoured[0]}
+    assert max(log_ratios, key=log_ratios.get) == "3"
+    assert spreads[0] == pytest.approx(float(np.std(list(log_ratios.values())))) and min(spreads) > 0.3
+
+
+def test_evaluation_reports_the_ratio_spread_on_the_pick_task(tiny_model_dir, tmp_path):
+    model, tokenizer = flowrl.load_model_and_tokenizer(tiny_model_dir)
+    cfg = tiny_config(tiny_model_dir, tmp_path, task="pick", max_new_tokens=3, dist_prompts=2, dist_samples=4,
+                      eval_size=50)
+    probes = pick_probes(2)
+    record, reference = flowrl.evaluate(model, tokenizer, probes["held_out"][:2], probes, cfg, 0, flowrl.pick_reward)
+    assert record["held_out_ratio_spread"] == 0.0 and record["train_ratio_spread"] == 0.0   # pi_theta = pi_ref
+    assert set(record["histogram"]["log_ratio"]) == set(probes["train"][0].answer.split(", "))
+    with torch.no_grad():
+        model.lm_head.weight.add_(0.5 * torch.randn_like(model.lm_head.weight))
+    later, _ = flowrl.evaluate(model, tokenizer, probes["held_out"][:2], probes, cfg, 5, flowrl.pick_reward,
+                               step0_reference=reference)
+    assert later["held_out_ratio_spread"] > 0 and later["train_ratio_spread"] > 0
+
+
+# ------------------------------------------------------------------------------------------------------
+# Runs that survive: resume with new flags, a bad batch on one process, evaluation in shares, signals
+# ------------------------------------------------------------------------------------------------------
+def test_resume_takes_the_learning_rates_it_is_given(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+    cfg = tiny_config(tiny_model_dir, tmp_path / "run", steps=1)
+    flowrl.train(cfg)
+    checkpoint = os.path.join(cfg.output_dir, "checkpoint")
+    before = AutoModelForCausalLM.from_pretrained(checkpoint)
+    head_before = torch.load(os.path.join(checkpoint, "log_z_head.pt"))
+    flowrl.main(["--resume", cfg.output_dir, "--steps", "3", "--lr", "0", "--log-z-lr", "0"])
+    after = AutoModelForCausalLM.from_pretrained(checkpoint)
+    assert torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)["step"] == 3
+    for (name, a), (_, b) in zip(before.named_parameters(), after.named_parameters()):
+        assert torch.equal(a, b), name
+    for name, value in torch.load(os.path.join(checkpoint, "log_z_head.pt")).items():
+        assert torch.equal(value, head_before[name]), name
+    train_rows = [r for r in read_metrics(cfg.output_dir) if r["split"] == "train"]
+    assert [r["lr"] for r in train_rows] == [1e-3, 0.0, 0.0]
+
+
+def join_within(processes, seconds):
+    """Wait for every process, at most `seconds` in all; kill and fail on a hang. Returns the exit codes."""
+    import time
+    deadline = time.monotonic() + seconds
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+    hung = [p for p in processes if p.is_alive()]
+    for p in hung:
+        p.kill()
+    assert not hung, f"{len(hung)} process(es) hung"
+    return [p.exitcode for p in processes]
+
+
+def spawn_workers(target, world_size, *args):
+    context = torch.multiprocessing.get_context("spawn")
+    port = free_port()
+    processes = [context.Process(target=target, args=(rank, world_size, port, *args)) for rank in range(world_size)]
+    for p in processes:
+        p.start()
+    return processes
+
+
+def nan_batch_worker(rank, world_size, port, tiny_model_dir, batch_path, result_path):
+    set_torchrun_environment(rank, world_size, port)
+    rank, world_size, _ = flowrl.init_distributed("cpu", timeout_minutes=1.0)
+    batch = torch.load(batch_path, weights_only=False)
+    policy, head, optimizer, cfg = update_setup(tiny_model_dir, batch)
+    initial = [p.detach().clone() for p in policy.parameters()]
+    share = len(batch["rollouts"].texts) // world_size
+    rows = slice(rank * share, (rank + 1) * share)
+    poisoned = batch["reward_hat"][rows].clone()
+    if rank == 1:
+        poisoned[0] = float("nan")            # a NaN reward in this process's first micro-batch only
+    first, _ = flowrl.policy_update(policy, head, optimizer, rows_of(batch["rollouts"], rows), poisoned,
+                                    batch["ref_logprobs"][rows], None, cfg, "fp32", world_size)
+    unchanged = all(torch.equal(a, b.detach()) for a, b in zip(initial, policy.parameters()))
+    second, _ = flowrl.policy_update(policy, head, optimizer, rows_of(batch["rollouts"], rows),
+                                     batch["reward_hat"][rows], batch["ref_logprobs"][rows], None, cfg, "fp32",
+                                     world_size)
+    torch.save({"skipped": (first["skipped_updates"], second["skipped_updates"]), "unchanged": unchanged,
+                "policy": policy.state_dict()}, f"{result_path}.{rank}")
+    flowrl.dist.destroy_process_group()
+
+
+def test_a_nan_on_one_process_skips_the_update_on_all_and_the_next_one_proceeds(tiny, tiny_model_dir, tmp_path):
+    model, tokenizer = tiny
+    torch.manual_seed(0)
+    rollouts = flowrl.sample_completions(model, tokenizer, ["What is 1 + 2?", "What is 3 + 0?"], 4, max_new_tokens=5)
+    batch = {"rollouts": rollouts, "reward_hat": group_normalize(torch.tensor([1., 0, 0, 1, 0, 1, 1, 1]), 4),
+             "ref_logprobs": flowrl.batched_token_logprobs(model, rollouts, 1.0, 8) - 0.1}
+    torch.save(batch, tmp_path / "batch.pt")
+    result = str(tmp_path / "result.pt")
+    processes = spawn_workers(nan_batch_worker, 2, tiny_model_dir, str(tmp_path / "batch.pt"), result)
+    assert join_within(processes, 180) == [0, 0]
+    ranks = [torch.load(f"{result}.{rank}", weights_only=False) for rank in range(2)]
+    for outcome in ranks:
+        assert outcome["skipped"] == (1, 0) and outcome["unchanged"]
+    initial, _ = flowrl.load_model_and_tokenizer(tiny_model_dir)
+    for name, param in initial.named_parameters():
+        assert torch.equal(ranks[0]["policy"][name], ranks[1]["policy"][name]), name
+    assert not torch.equal(ranks[0]["policy"]["lm_head.weight"], initial.lm_head.weight.detach())
+
+
+def evaluate_pick(tiny_model_dir, cfg, rank=0, world_size=1):
+    model, tokenizer = flowrl.load_model_and_tokenizer(tiny_model_dir)
+    train, held_out = flowrl.load_problems(cfg)
+    probes = {"held_out": held_out[:3], "train": train[:3]}
+    record, reference = flowrl.evaluate(model, tokenizer, held_out, probes, cfg, 0, flowrl.pick_reward, "fp32",
+                                        rank=rank, world_size=world_size)
+    return {"record": record, "reference": reference}
+
+
+def evaluation_worker(rank, world_size, port, tiny_model_dir, cfg, result_path):
+    set_torchrun_environment(rank, world_size, port)
+    rank, world_size, _ = flowrl.init_distributed("cpu", timeout_minutes=1.0)
+    torch.save(evaluate_pick(tiny_model_dir, cfg, rank, world_size), f"{result_path}.{rank}")
+    flowrl.dist.destroy_process_group()
+
+
+def test_two_processes_evaluate_in_shares_and_get_the_numbers_of_one(tiny_model_dir, tmp_path):
+    """Each process scores every other problem; since each problem's samples come from a seed of its own, the two
+    report exactly what one process does (fp32, so that the batch a row sits in cannot change its tokens)."""
+    cfg = tiny_config(tiny_model_dir, tmp_path, task="pick", eval_size=7, eval_samples=3, pass_k=2,
+                      max_new_tokens=4, dist_prompts=3, dist_samples=6)
+    result = str(tmp_path / "eval.pt")
+    processes = spawn_workers(evaluation_worker, 2, tiny_model_dir, cfg, result)
+    assert join_within(processes, 180) == [0, 0]
+    alone = evaluate_pick(tiny_model_dir, cfg)
+    for rank in range(2):
+        shared = torch.load(f"{result}.{rank}", weights_only=False)
+        assert shared["reference"] == alone["reference"]
+        for key, value in alone["record"].items():
+            if key != "eval_seconds":
+                assert shared["record"][key] == value, key
+
+
+def signalling_training_step(signals, at_step):
+    """training_step, with the given signals sent to this process during step `at_step` (1-based)."""
+    import signal as signal_module
+    real, calls = flowrl.training_step, []
+
+    def step(*args, **kwargs):
+        calls.append(1)
+        result = real(*args, **kwargs)
+        if len(calls) == at_step:
+            for name in signals:
+                os.kill(os.getpid(), getattr(signal_module, name))
+        return result
+    return step
+
+
+@pytest.mark.parametrize("name, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_signal_saves_the_step_and_the_resumed_run_ends_as_an_uninterrupted_one(tiny_model_dir, tmp_path,
+                                                                                  monkeypatch, capsys, name, code):
+    import signal as signal_module
+    from transformers import AutoModelForCausalLM
+    handler_before = signal_module.getsignal(signal_module.SIGINT)
+    straight = tiny_config(tiny_model_dir, tmp_path / "straight", steps=4, save_every=0)
+    flowrl.train(straight)
+    cut = tiny_config(tiny_model_dir, tmp_path / "cut", steps=4, save_every=0)
+    monkeypatch.setattr(flowrl, "training_step", signalling_training_step([name], at_step=2))
+    with pytest.raises(SystemExit) as stopped:
+        flowrl.train(cut)
+    monkeypatch.undo()
+    assert stopped.value.code == code
+    assert f"continue with: python flowrl.py --resume {cut.output_dir}" in capsys.readouterr().out
+    checkpoint = os.path.join(cut.output_dir, "checkpoint")
+    assert torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)["step"] == 2
+    assert signal_module.getsignal(signal_module.SIGINT) is handler_before     # the run's handlers are gone
+    flowrl.main(["--resume", cut.output_dir])
+    resumed = AutoModelForCausalLM.from_pretrained(checkpoint)
+    reference = AutoModelForCausalLM.from_pretrained(os.path.join(straight.output_dir, "checkpoint"))
+    for (key, a), (_, b) in zip(reference.named_parameters(), resumed.named_parameters()):
+        assert torch.allclose(a, b, atol=1e-6), key
+    assert [r["step"] for r in read_metrics(cut.output_dir) if r["split"] == "train"] == [1, 2, 3, 4]
+
+
+def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
+    cfg = tiny_config(tiny_model_dir, tmp_path / "run", steps=4, save_every=1)
+    monkeypatch.setattr(flowrl, "training_step", signalling_training_step(["SIGINT", "SIGINT"], at_step=2))
+    with pytest.raises(KeyboardInterrupt):
+        flowrl.train(cfg)
+    monkeypatch.undo()
+    state = torch.load(os.path.join(cfg.output_dir, "checkpoint", "trainer_state.pt"), weights_only=False)
+    assert state["step"] == 1
+
+
+def signalled_rank_worker(rank, world_size, port, argv):
+    set_torchrun_environment(rank, world_size, port)
+    if rank == 1:
+        flowrl.training_step = signalling_training_step(["SIGTERM"], at_step=2)
+    flowrl.main(argv)
+
+
+def test_a_signal_to_one_process_stops_all_at_the_same_step_with_a_checkpoint(tiny_model_dir, tmp_path):
+    output_dir = str(tmp_path / "ddp")
+    flags = ["--model", tiny_model_dir, "--output-dir", output_dir, "--prompts-per-step", "2", "--group-size", "4",
+             "--max-new-tokens", "4", "--micro-batch-size", "4", "--operations", "+", "--max-operand", "3",
+             "--eval-size", "4", "--eval-samples", "2", "--pass-k", "2", "--show-examples", "0", "--steps", "4",
+             "--save-every", "0", "--timeout-minutes", "1"]
+    codes = join_within(spawn_workers(signalled_rank_worker, 2, flags), 180)
+    assert codes[1] == 143 and codes[0] != 0
+    state = torch.load(os.path.join(output_dir, "checkpoint", "trainer_state.pt"), weights_only=False)
+    assert state["step"] == 2
+    assert [r["step"] for r in read_metrics(output_dir) if r["split"] == "train"] == [1, 2]
+
+
+def test_a_resumed_log_reads_as_one_run(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """--save-every 2, and the process dies while saving step 4: the resumed run drops the rows of steps 3 and 4
+    that its checkpoint (step 2) never saw, and its closing table compares step 0 with the end."""
+    cfg = tiny_config(tiny_model_dir, tmp_path / "run", steps=4, save_every=2, log_rollouts=True)
+    real_save = flowrl.save_checkpoint
+
+    def die_saving_step_4(*args, **kwargs):
+        if args[5] == 4:
+            raise KeyboardInterrupt("killed")
+        return real_save(*args, **kwargs)
+    monkeypatch.setattr(flowrl, "save_checkpoint", die_saving_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        flowrl.train(cfg)
+    monkeypatch.undo()
+    assert [r["step"] for r in read_metrics(cfg.output_dir) if r["split"] == "train"] == [1, 2, 3, 4]
+    capsys.readouterr()
+    flowrl.main(["--resume", cfg.output_dir])
+    records = read_metrics(cfg.output_dir)
+    assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3, 4]
+    assert [r["step"] for r in records if r["split"] == "eval"] == [0, 4]
+    with open(os.path.join(cfg.output_dir, "rollouts.jsonl")) as f:
+        assert [json.loads(line)["step"] for line in f] == [s for s in (1, 2, 3, 4) for _ in range(2 * 4)]
+    header = [line for line in capsys.readouterr().out.splitlines() if line.startswith("held-out")][-1]
+    assert header.split()[1:] == ["step", "0", "step", "4"]
+
+
+def test_an_unreachable_hub_fails_at_once_with_one_clear_error(tmp_path):
+    """No network and a model that is not local (a hub name, a typo): one error line within seconds, not a
+    minute of retries. The hub address is made unreachable so that the test means the same on any machine."""
+    import subprocess
+    import sys
+    import time
+    environment = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    environment.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"))
+    for name in ("Qwen2.5-0.5B", "does-not-exist"):
+        started = time.monotonic()
+        finished = subprocess.run([sys.executable, "flowrl.py", "--model", name, "--output-dir", str(tmp_path / name)],
+                                  env=environment, capture_output=True, text=True, timeout=120,
+                                  cwd=os.path.dirname(os.path.abspath(flowrl.__file__)))
+        assert finished.returncode != 0 and time.monotonic() - started < 30
+        assert f"error: could not load model {name!r}" in finished.stderr
+        assert "Retrying" not in finished.stderr and "Traceback" not in finished.stderr
+
+
+def test_abbreviated_flags_are_refused():
+    with pytest.raises(SystemExit):
+        flowrl.build_arg_parser().parse_args(["--step", "5"])
+
+
+# ------------------------------------------------------------------------------------------------------
+# Evaluation-only runs
+# ------------------------------------------------------------------------------------------------------
+def test_steps_0_evaluates_a_model_or_a_run_and_trains_nothing(tiny_model_dir, tmp_path, capsys):
+    common = ["--steps", "0", "--operations", "+", "--max-operand", "3", "--eval-size", "4", "--eval-samples", "4",
+              "--pass-k", "2", "--max-new-tokens", "4", "--show-examples", "0"]
+    flowrl.main(["--model", tiny_model_dir, "--output-dir", str(tmp_path / "base"), *common])
+    assert sorted(os.listdir(tmp_path / "base")) == ["config.json", "metrics.jsonl"]      # no checkpoint
+    (record,) = read_metrics(str(tmp_path / "base"))
+    assert record["split"] == "eval" and record["step"] == 0 and record["samples_per_prompt"] == 4
+    header = [line for line in capsys.readouterr().out.splitlines() if line.startswith("held-out")][0]
+    assert header.split()[1:] == ["step", "0"]
+    # a trained run's folder (its checkpoint) is evaluated the same way
+    trained = tiny_config(tiny_model_dir, tmp_path / "trained", steps=1, lr=1e-2, eval_samples=4, max_new_tokens=4)
+    flowrl.train(trained)
+    flowrl.main(["--model", trained.output_dir, "--output-dir", str(tmp_path / "after"), *common])
+    (after,) = read_metrics(str(tmp_path / "after"))
+    final = [r for r in read_metrics(trained.output_dir) if r["split"] == "eval"][-1]
+    assert after["greedy_accuracy"] == final["greedy_accuracy"]
+    base_model, _ = flowrl.load_model_and_tokenizer(tiny_model_dir)
+    trained_model, _ = flowrl.load_model_and_tokenizer(trained.output_dir)
+    assert not torch.equal(base_model.lm_head.weight, trained_model.lm_head.weight)   # it loaded the trained weights
+
+
+def test_an_evaluation_whose_verifier_fails_keeps_running(tiny_model_dir, tmp_path, monkeypatch):
+    math_verify = pytest.importorskip("math_verify", reason="math-verify is not installed")
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise ValueError("cannot parse")
+    monkeypatch.setattr(math_verify, "verify", broken)
+    flowrl.main(["--model", tiny_model_dir, "--steps", "0", "--operations", "+", "--max-operand", "3",
+                 "--eval-size", "4", "--eval-samples", "4", "--pass-k", "2", "--max-new-tokens", "16",
+                 "--output-dir", str(tmp_path / "run")])
+    (record,) = read_metrics(str(tmp_path / "run"))
+    assert calls and record["greedy_accuracy"] == 0.0 and record["pass@1"] == 0.0
