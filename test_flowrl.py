@@ -927,7 +927,7 @@ def test_device_cuda_without_a_gpu_is_one_clear_line(tiny_model_dir, tmp_path):
 # ------------------------------------------------------------------------------------------------------
 # Data parallel (torchrun): two processes, gloo, one update == one process on the whole batch
 # ------------------------------------------------------------------------------------------------------
-def update_setup(tiny_model_dir, batch):
+def update_setup(tiny_model_dir):
     """The tiny policy, a dropout-free log Z head and plain SGD (lr 1: the step IS the averaged, clipped gradient)."""
     policy, _ = flowrl.load_model_and_tokenizer(tiny_model_dir)
     torch.manual_seed(0)
@@ -950,14 +950,9 @@ def set_torchrun_environment(rank, world_size, port):
 
 
 def distributed_update_worker(rank, world_size, port, tiny_model_dir, batch_path, result_path):
-    set_torchrun_environment(rank, world_size, port)
-    rank, world_size, _ = flowrl.init_distributed("cpu")
-    batch = torch.load(batch_path, weights_only=False)
-    policy, head, optimizer, cfg = update_setup(tiny_model_dir, batch)
-    share = len(batch["rollouts"].texts) // world_size
-    rows = slice(rank * share, (rank + 1) * share)
-    flowrl.policy_update(policy, head, optimizer, rows_of(batch["rollouts"], rows), batch["reward_hat"][rows],
-                         batch["ref_logprobs"][rows], None, cfg, "fp32", world_size)
+    rank, (rollouts, reward_hat, ref_logprobs) = joined_worker_share(rank, world_size, port, tiny_model_dir, batch_path)
+    policy, head, optimizer, cfg = update_setup(tiny_model_dir)
+    flowrl.policy_update(policy, head, optimizer, rollouts, reward_hat, ref_logprobs, None, cfg, "fp32", world_size)
     if rank == 0:
         torch.save({"policy": policy.state_dict(), "head": head.state_dict()}, result_path)
     flowrl.dist.destroy_process_group()
@@ -970,16 +965,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_make_the_same_update_as_one(tiny, tiny_model_dir, tmp_path):
+def update_batch(tiny) -> dict:
+    """Two groups of 4 rollouts of the tiny model, their r_hat and reference log-probs: one update's input."""
     model, tokenizer = tiny
     torch.manual_seed(0)
     rollouts = flowrl.sample_completions(model, tokenizer, ["What is 1 + 2?", "What is 3 + 0?"], 4, max_new_tokens=5)
-    batch = {"rollouts": rollouts, "reward_hat": group_normalize(torch.tensor([1., 0, 0, 1, 0, 1, 1, 1]), 4),
-             "ref_logprobs": flowrl.batched_token_logprobs(model, rollouts, 1.0, 8) - 0.1}
+    return {"rollouts": rollouts, "reward_hat": group_normalize(torch.tensor([1., 0, 0, 1, 0, 1, 1, 1]), 4),
+            "ref_logprobs": flowrl.batched_token_logprobs(model, rollouts, 1.0, 8) - 0.1}
+
+
+def joined_worker_share(rank, world_size, port, tiny_model_dir, batch_path):
+    """In a spawned process: join the group as torchrun would, and take this process's half of the batch."""
+    set_torchrun_environment(rank, world_size, port)
+    rank, world_size, _ = flowrl.init_distributed("cpu", timeout_minutes=1.0)
+    batch = torch.load(batch_path, weights_only=False)
+    share = len(batch["rollouts"].texts) // world_size
+    rows = slice(rank * share, (rank + 1) * share)
+    return rank, (rows_of(batch["rollouts"], rows), batch["reward_hat"][rows].clone(), batch["ref_logprobs"][rows])
+
+
+def test_two_processes_make_the_same_update_as_one(tiny, tiny_model_dir, tmp_path):
+    batch = update_batch(tiny)
+    rollouts = batch["rollouts"]
     batch_path = tmp_path / "batch.pt"
     torch.save(batch, batch_path)
 
-    policy, head, optimizer, cfg = update_setup(tiny_model_dir, batch)
+    policy, head, optimizer, cfg = update_setup(tiny_model_dir)
     before = {name: p.detach().clone() for name, p in policy.named_parameters()}
     flowrl.policy_update(policy, head, optimizer, rollouts, batch["reward_hat"], batch["ref_logprobs"], None, cfg)
 
@@ -1006,11 +1017,11 @@ def test_micro_batch_size_does_not_change_the_update(tiny, tiny_model_dir):
     ref_logprobs = flowrl.batched_token_logprobs(model, rollouts, 1.0, 8) - 0.1
     updated = {}
     for micro_batch_size in (8, 4, 3, 2, 1):
-        policy, head, optimizer, cfg = update_setup(tiny_model_dir, None)
+        policy, head, optimizer, cfg = update_setup(tiny_model_dir)
         cfg.micro_batch_size = micro_batch_size
         flowrl.policy_update(policy, head, optimizer, rollouts, reward_hat, ref_logprobs, None, cfg)
         updated[micro_batch_size] = [p.detach().clone() for p in list(policy.parameters()) + list(head.parameters())]
-    initial = [p.detach() for p in update_setup(tiny_model_dir, None)[0].parameters()]
+    initial = [p.detach() for p in update_setup(tiny_model_dir)[0].parameters()]
     assert not torch.equal(updated[8][0], initial[0]) and not torch.equal(updated[8][-1], initial[-1])
     for micro_batch_size in (4, 3, 2, 1):
         for a, b in zip(updated[8], updated[micro_batch_size]):
@@ -1209,21 +1220,16 @@ def spawn_workers(target, world_size, *args):
 
 
 def nan_batch_worker(rank, world_size, port, tiny_model_dir, batch_path, result_path):
-    set_torchrun_environment(rank, world_size, port)
-    rank, world_size, _ = flowrl.init_distributed("cpu", timeout_minutes=1.0)
-    batch = torch.load(batch_path, weights_only=False)
-    policy, head, optimizer, cfg = update_setup(tiny_model_dir, batch)
+    rank, (rollouts, reward_hat, ref_logprobs) = joined_worker_share(rank, world_size, port, tiny_model_dir, batch_path)
+    policy, head, optimizer, cfg = update_setup(tiny_model_dir)
     initial = [p.detach().clone() for p in policy.parameters()]
-    share = len(batch["rollouts"].texts) // world_size
-    rows = slice(rank * share, (rank + 1) * share)
-    poisoned = batch["reward_hat"][rows].clone()
+    poisoned = reward_hat.clone()
     if rank == 1:
         poisoned[0] = float("nan")            # a NaN reward in this process's first micro-batch only
-    first, _ = flowrl.policy_update(policy, head, optimizer, rows_of(batch["rollouts"], rows), poisoned,
-                                    batch["ref_logprobs"][rows], None, cfg, "fp32", world_size)
+    first, _ = flowrl.policy_update(policy, head, optimizer, rollouts, poisoned, ref_logprobs, None, cfg, "fp32",
+                                    world_size)
     unchanged = all(torch.equal(a, b.detach()) for a, b in zip(initial, policy.parameters()))
-    second, _ = flowrl.policy_update(policy, head, optimizer, rows_of(batch["rollouts"], rows),
-                                     batch["reward_hat"][rows], batch["ref_logprobs"][rows], None, cfg, "fp32",
+    second, _ = flowrl.policy_update(policy, head, optimizer, rollouts, reward_hat, ref_logprobs, None, cfg, "fp32",
                                      world_size)
     torch.save({"skipped": (first["skipped_updates"], second["skipped_updates"]), "unchanged": unchanged,
                 "policy": policy.state_dict()}, f"{result_path}.{rank}")
@@ -1231,12 +1237,7 @@ def nan_batch_worker(rank, world_size, port, tiny_model_dir, batch_path, result_
 
 
 def test_a_nan_on_one_process_skips_the_update_on_all_and_the_next_one_proceeds(tiny, tiny_model_dir, tmp_path):
-    model, tokenizer = tiny
-    torch.manual_seed(0)
-    rollouts = flowrl.sample_completions(model, tokenizer, ["What is 1 + 2?", "What is 3 + 0?"], 4, max_new_tokens=5)
-    batch = {"rollouts": rollouts, "reward_hat": group_normalize(torch.tensor([1., 0, 0, 1, 0, 1, 1, 1]), 4),
-             "ref_logprobs": flowrl.batched_token_logprobs(model, rollouts, 1.0, 8) - 0.1}
-    torch.save(batch, tmp_path / "batch.pt")
+    torch.save(update_batch(tiny), tmp_path / "batch.pt")
     result = str(tmp_path / "result.pt")
     processes = spawn_workers(nan_batch_worker, 2, tiny_model_dir, str(tmp_path / "batch.pt"), result)
     assert join_within(processes, 180) == [0, 0]
