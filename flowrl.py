@@ -15,7 +15,10 @@ trajectory-balance loss (Eq. 2-6). What that loss matches, exactly:
   same ratio pi_theta/pi_ref, so at the fixed point the reference's preferences between correct answers are
   kept rather than collapsed onto one. A run only gets there if the target is reachable: the target
   log-ratio between a correct and a wrong answer is about 2.8 beta nats PER TOKEN, tens of nats for a whole
-  response, and far from it the loss acts as reward maximisation. PICK_RESULT
+  response, and far from it the loss acts as reward maximisation. On `--task pick` (SmolLM2, 40 steps, 3 seeds)
+  FlowRL with 1/|y| did not keep the reference's spread of correct answers better than GRPO (beta 1: the same
+  KL to step 0 and entropy; the paper's beta 15: less spread); without 1/|y| (the paper's ablation) at beta 3
+  it kept the step-0 spread but raised validity by 9-16 points only. The README has the measurements.
 
     python flowrl.py                              # SmolLM2-135M-Instruct on 1-digit arithmetic, CPU, minutes
     python flowrl.py --task pick                  # a task with many correct answers: does the spread survive?
@@ -977,11 +980,10 @@ def policy_update(policy, log_z_head, optimizer, rollouts: Rollouts, reward_hat:
 
 
 def training_step(policy, reference, log_z_head, optimizer, tokenizer, problems: list[Problem], cfg: Config,
-                  reward_fn: Callable[[str, str], float], precision: str = "fp32", world_size: int = 1,
-                  seeds: Optional[list[int]] = None) -> tuple[dict, list[dict]]:
+                  reward_fn: Callable[[str, str], float], precision: str = "fp32",
+                  world_size: int = 1) -> tuple[dict, list[dict]]:
     """One FlowRL (or GRPO) step on this process's prompts, in the paper's order:
     sample a group -> reward -> r_hat (Eq. 5) -> pi_ref and pi_old log-probs -> loss (Eq. 6 / Eq. 1) -> update.
-    `seeds`: one per prompt, for its group's samples.
     Returns (the step's metrics, summed over processes; one row per completion for --log-rollouts)."""
     device = next(policy.parameters()).device
     step_start = time.perf_counter()
@@ -990,7 +992,7 @@ def training_step(policy, reference, log_z_head, optimizer, tokenizer, problems:
     prompts = [format_prompt(tokenizer, p.question) for p in problems]
     with autocast(policy, precision):
         rollouts = sample_completions(policy, tokenizer, prompts, cfg.group_size, cfg.max_new_tokens,
-                                      temperature=cfg.temperature, seeds=seeds)
+                                      temperature=cfg.temperature)
     generation_seconds = time.perf_counter() - step_start
 
     # ---- 2. reward r(x, y) (Section 3) and its group normalisation r_hat (Eq. 5) -------------------------------
@@ -1094,6 +1096,9 @@ def train(cfg: Config) -> dict:
         start_step, step0_reference = state["step"], state.get("step0_reference")
     probes = {"held_out": held_out[:dist_prompt_count(cfg)],            # fixed: the first of the (seed-independent)
               "train": train_problems[:dist_prompt_count(cfg)]}         # split, for the answer distributions
+    if checkpoint and step0_reference is None and dist_prompt_count(cfg) and is_main:
+        print(f"note: {checkpoint} holds no step-0 answer distribution (an older checkpoint): KL to step 0 and the "
+              f"ratio spread will compare with the model at the first evaluation after step {start_step}")
 
     first_eval = last_eval = metrics_file = rollouts_file = None
     if is_main:   # only now, so that a model that fails to load leaves no empty folder
@@ -1126,13 +1131,13 @@ def train(cfg: Config) -> dict:
     with StopOnSignal() as stop:
         for step in progress:
             set_hyperparameters(optimizer, cfg, step)
-            torch.manual_seed(derived_seed(cfg.seed, step, "dropout", rank))   # log Z dropout, mini-batch order
+            # This step's rollouts, log Z dropout and mini-batch order: a resumed run replays them exactly.
+            torch.manual_seed(derived_seed(cfg.seed, step, "step", rank))
             problems = data_rng.sample(train_problems, cfg.prompts_per_step)
             share = len(problems) // world_size
-            mine = range(rank * share, (rank + 1) * share)
             record, rows = training_step(policy, reference, log_z_head, optimizer, tokenizer,
-                                         [problems[i] for i in mine], cfg, reward_fn, precision, world_size,
-                                         seeds=[derived_seed(cfg.seed, step, "rollouts", i) for i in mine])
+                                         problems[rank * share:(rank + 1) * share], cfg, reward_fn, precision,
+                                         world_size)
             if cfg.log_rollouts and world_size > 1:
                 gathered = [None] * world_size
                 dist.all_gather_object(gathered, rows)
@@ -1690,7 +1695,7 @@ def config_from_argv(argv: Optional[list] = None) -> Config:
         state = torch.load(os.path.join(find_checkpoint(given["resume"]), "trainer_state.pt"),
                            weights_only=False)
         saved = {k: v for k, v in state["config"].items() if k in {f.name for f in dataclasses.fields(Config)}}
-        if "output_dir" not in given and not saved.get("output_dir"):
+        if "output_dir" not in given:   # the folder resumed, even when it was copied or moved since
             saved["output_dir"] = os.path.dirname(os.path.abspath(find_checkpoint(given["resume"])))
         return Config(**{**saved, **given})
     return Config(**given)

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import shutil
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be downloaded during the tests
 
@@ -1197,6 +1198,20 @@ def test_resume_takes_the_learning_rates_it_is_given(tiny_model_dir, tmp_path):
     assert [r["lr"] for r in train_rows] == [1e-3, 0.0, 0.0]
 
 
+def test_a_copied_run_resumes_into_the_copy_and_leaves_the_original_alone(tiny_model_dir, tmp_path):
+    cfg = tiny_config(tiny_model_dir, tmp_path / "original", steps=1)
+    flowrl.train(cfg)
+    original_files = {name: (tmp_path / "original" / name).read_bytes() for name in ("metrics.jsonl", "config.json")}
+    original_state = (tmp_path / "original" / "checkpoint" / "trainer_state.pt").read_bytes()
+    shutil.copytree(tmp_path / "original", tmp_path / "copy")
+    flowrl.main(["--resume", str(tmp_path / "copy"), "--steps", "2"])
+    assert torch.load(tmp_path / "copy" / "checkpoint" / "trainer_state.pt", weights_only=False)["step"] == 2
+    assert [r["step"] for r in read_metrics(tmp_path / "copy") if r["split"] == "train"] == [1, 2]
+    assert (tmp_path / "original" / "checkpoint" / "trainer_state.pt").read_bytes() == original_state
+    for name, content in original_files.items():
+        assert (tmp_path / "original" / name).read_bytes() == content, name
+
+
 def join_within(processes, seconds):
     """Wait for every process, at most `seconds` in all; kill and fail on a hang. Returns the exit codes."""
     import time
@@ -1378,6 +1393,23 @@ def test_a_resumed_log_reads_as_one_run(tiny_model_dir, tmp_path, monkeypatch, c
         assert [json.loads(line)["step"] for line in f] == [s for s in (1, 2, 3, 4) for _ in range(2 * 4)]
     header = [line for line in capsys.readouterr().out.splitlines() if line.startswith("held-out")][-1]
     assert header.split()[1:] == ["step", "0", "step", "4"]
+
+
+def test_resuming_a_checkpoint_without_a_step0_reference_says_what_it_compares_with(tiny_model_dir, tmp_path,
+                                                                                   capsys):
+    cfg = tiny_config(tiny_model_dir, tmp_path / "run", steps=1, task="pick", max_new_tokens=3, dist_prompts=2,
+                      dist_samples=4, eval_size=50)
+    flowrl.train(cfg)
+    state_path = os.path.join(cfg.output_dir, "checkpoint", "trainer_state.pt")
+    state = torch.load(state_path, weights_only=False)
+    assert set(state["step0_reference"]["answers"]) == {"held_out", "train"}
+    flowrl.main(["--resume", cfg.output_dir, "--steps", "2"])
+    assert "holds no step-0 answer distribution" not in capsys.readouterr().out
+    del state["step0_reference"]                  # as a checkpoint written before the reference was saved
+    torch.save(state, state_path)
+    flowrl.main(["--resume", cfg.output_dir, "--steps", "3"])
+    assert "holds no step-0 answer distribution (an older checkpoint)" in capsys.readouterr().out
+    assert "held_out_kl_to_step0" in read_metrics(cfg.output_dir)[-1]
 
 
 def test_an_unreachable_hub_fails_at_once_with_one_clear_error(tmp_path):
