@@ -1316,7 +1316,8 @@ def sample_answers(model, tokenizer, problems: list[Problem], indices: list[int]
 @torch.no_grad()
 def answer_logprobs(model, tokenizer, problems: list[Problem], cfg: Config, precision: str) -> list[dict]:
     """The exact log pi(y|x) (at the training temperature) of each correct answer of each pick problem, written as
-    the chat template frames a response: the bare number, then EOS. One forward pass for all of them.
+    the chat template frames a response: the bare number, then EOS. Scored, not sampled, in forward passes of
+    --micro-batch-size rows.
 
     Eq. 6's fixed point gives responses of equal length and equal reward the same ratio pi_theta / pi_ref, so the
     spread of log pi_theta(y|x) - log pi_ref(y|x) over a prompt's correct answers is 0 when the policy keeps
