@@ -455,7 +455,8 @@ def math_reward(completion: str, answer: str) -> float:
     if predicted is None:
         return 0.0
     reference = marked_answer(answer) or answer.strip()
-    return float(symbols_equal(predicted, reference) if math_verify is not None else numbers_equal(predicted, reference))
+    equal = symbols_equal if math_verify is not None else numbers_equal
+    return float(equal(predicted, reference))
 
 
 def answer_checker() -> str:
@@ -1106,7 +1107,8 @@ def train(cfg: Config) -> dict:
         if evaluations:
             first_eval, last_eval = evaluations[0] if evaluations[0]["step"] == 0 else None, evaluations[-1]
         print(f"{cfg.algo} | model {cfg.model} | {device} x {world_size} | {precision} | {len(train_problems)} train "
-              f"/ {len(held_out)} held-out problems | {cfg.prompts_per_step} prompts x {cfg.group_size} samples per step"
+              f"/ {len(held_out)} held-out problems | {cfg.prompts_per_step} prompts x {cfg.group_size} samples "
+              f"per step"
               + (f" | answers checked: {answer_checker()}" if reward_fn is math_reward else "")
               + (f"\nresumed from {checkpoint} at step {start_step}" if checkpoint else ""))
 
@@ -1201,6 +1203,21 @@ def distinct_n(token_sequences: list, n: int = 2) -> float:
 
 
 @torch.no_grad()
+def sample_problems(model, tokenizer, problems: list[Problem], indices: list[int], n: int, cfg: Config,
+                    precision: str, seed_key: Optional[tuple] = None, **sampling):
+    """Yields (a batch of indices into problems, their Rollouts): n completions of each problems[i], i in indices,
+    as many problems a call as fill one training batch. With seed_key, problem i's samples come from the seed
+    (*seed_key, i): the same whichever process draws them and whatever else is in the call."""
+    chunk = max(1, cfg.prompts_per_step * cfg.group_size // n)
+    for start in range(0, len(indices), chunk):
+        batch = indices[start:start + chunk]
+        prompts = [format_prompt(tokenizer, problems[i].question) for i in batch]
+        seeds = [derived_seed(*seed_key, i) for i in batch] if seed_key else None
+        with autocast(model, precision):
+            rollouts = sample_completions(model, tokenizer, prompts, n, cfg.max_new_tokens, seeds=seeds, **sampling)
+        yield batch, rollouts
+
+
 def accuracy_metrics(model, tokenizer, problems: list[Problem], cfg: Config, step: int, reward_fn,
                      precision: str = "fp32", rank: int = 0, world_size: int = 1, progress=None) -> tuple[dict, list]:
     """Greedy accuracy; pass@1 and pass@k from --eval-samples n samples at the evaluation temperature and top-p
@@ -1209,37 +1226,30 @@ def accuracy_metrics(model, tokenizer, problems: list[Problem], cfg: Config, ste
     (run seed, step, "eval_samples", i), so the numbers do not depend on the number of processes.
     Returns (the metrics, each problem's row: its greedy and first sampled completion and their rewards)."""
     indices = list(range(rank, len(problems), world_size))
-    rows_per_call, n = cfg.prompts_per_step * cfg.group_size, cfg.eval_samples
-    chunk = max(1, rows_per_call // n)
-    rows = []
-    for start in range(0, len(indices), rows_per_call):          # greedy, rows_per_call problems a call
-        batch = indices[start:start + rows_per_call]
-        with autocast(model, precision):
-            rollouts = sample_completions(model, tokenizer, [format_prompt(tokenizer, problems[i].question) for i in batch],
-                                          1, cfg.max_new_tokens, greedy=True)
+    n = cfg.eval_samples
+    rows = {}                                                     # problem index -> its row
+    for batch, rollouts in sample_problems(model, tokenizer, problems, indices, 1, cfg, precision, greedy=True):
         for i, text, length in zip(batch, rollouts.texts, rollouts.completion_mask.sum(-1).tolist()):
-            rows.append({"greedy": text, "greedy_correct": reward_fn(text, problems[i].answer), "greedy_length": length})
+            rows[i] = {"greedy": text, "greedy_correct": reward_fn(text, problems[i].answer), "greedy_length": length}
         if progress is not None:
             progress.update()
-    for start in range(0, len(indices), chunk):                  # n samples each, chunk problems a call
-        batch = indices[start:start + chunk]
-        with autocast(model, precision):
-            rollouts = sample_completions(model, tokenizer, [format_prompt(tokenizer, problems[i].question) for i in batch],
-                                          n, cfg.max_new_tokens, temperature=cfg.eval_temperature, top_p=cfg.eval_top_p,
-                                          seeds=[derived_seed(cfg.seed, step, "eval_samples", i) for i in batch])
+    for batch, rollouts in sample_problems(model, tokenizer, problems, indices, n, cfg, precision,
+                                           (cfg.seed, step, "eval_samples"), temperature=cfg.eval_temperature,
+                                           top_p=cfg.eval_top_p):
         rewards = score(rollouts.texts, [problems[i] for i in batch], n, reward_fn)
         for g, i in enumerate(batch):
             group = slice(g * n, (g + 1) * n)
             texts, correct = rollouts.texts[group], rewards[group]
             token_lists = [ids[mask.bool()].tolist() for ids, mask in
                            zip(rollouts.completion_ids[group], rollouts.completion_mask[group])]
-            rows[start + g].update(
+            rows[i].update(
                 sampled=texts[0], sampled_correct=correct[0].item(), correct=int(correct.sum()),
                 distinct=len(set(texts)), distinct_correct=len({t for t, r in zip(texts, correct) if r == 1.0}),
-                distinct_2=distinct_n(token_lists, 2), sample_length=rollouts.completion_mask[group].sum(-1).float().mean().item())
+                distinct_2=distinct_n(token_lists, 2),
+                sample_length=rollouts.completion_mask[group].sum(-1).float().mean().item())
         if progress is not None:
             progress.update()
-    rows = gather_shards(rows, world_size)
+    rows = gather_shards(list(rows.values()), world_size)
     mean = lambda key: float(np.mean([row[key] for row in rows]))
     return {
         "greedy_accuracy": mean("greedy_correct"),
@@ -1295,19 +1305,15 @@ def sample_answers(model, tokenizer, problems: list[Problem], indices: list[int]
     distribution training matches), problem i's from the seed (*seed_key, i); for each, how often each final
     answer came, and each correct one."""
     n = cfg.dist_samples
-    chunk = max(1, cfg.prompts_per_step * cfg.group_size // n)
     counted = []
-    for start in range(0, len(indices), chunk):
-        batch = indices[start:start + chunk]
-        with autocast(model, precision):
-            rollouts = sample_completions(model, tokenizer, [format_prompt(tokenizer, problems[i].question) for i in batch],
-                                          n, cfg.max_new_tokens, temperature=cfg.temperature,
-                                          seeds=[derived_seed(*seed_key, i) for i in batch])
+    for batch, rollouts in sample_problems(model, tokenizer, problems, indices, n, cfg, precision, seed_key,
+                                           temperature=cfg.temperature):
         rewards = score(rollouts.texts, [problems[i] for i in batch], n, reward_fn)
         for g in range(len(batch)):
             answers = [final_answer(text) or NO_ANSWER for text in rollouts.texts[g * n:(g + 1) * n]]
             correct = [answer for answer, r in zip(answers, rewards[g * n:(g + 1) * n]) if r == 1.0]
-            counted.append({"answers": dict(collections.Counter(answers)), "correct": dict(collections.Counter(correct))})
+            counted.append({"answers": dict(collections.Counter(answers)),
+                            "correct": dict(collections.Counter(correct))})
         if progress is not None:
             progress.update()
     return counted
@@ -1349,8 +1355,10 @@ def answer_logprobs(model, tokenizer, problems: list[Problem], cfg: Config, prec
 def ratio_spread(logprobs: dict, ref_logprobs: dict) -> float:
     """The standard deviation, over a prompt's correct answers, of log pi_theta(y|x) - log pi_ref(y|x).
 
-    >>> ratio_spread({"3": -1.0, "7": -2.0}, {"3": -1.5, "7": -2.5}), ratio_spread({"3": -1.0, "7": -3.0}, {"3": -2.0, "7": -2.0})
-    (0.0, 1.0)
+    >>> ratio_spread({"3": -1.0, "7": -2.0}, {"3": -1.5, "7": -2.5})    # both answers moved by +0.5: kept
+    0.0
+    >>> ratio_spread({"3": -1.0, "7": -3.0}, {"3": -2.0, "7": -2.0})    # "3" up by 1, "7" down by 1
+    1.0
     """
     return float(np.std([logprobs[answer] - ref_logprobs[answer] for answer in logprobs]))
 
@@ -1380,28 +1388,31 @@ def answer_distribution(model, tokenizer, probes: dict, cfg: Config, step: int, 
     reference given) the reference is drawn too, and this step's sample, a second independent draw of the same
     model, gives the noise floor of the KL at this sample size. Returns (the metrics, the step-0 reference)."""
     exact = cfg.task == "pick" and cfg.data is None
+
+    def answers_of(problems: list[Problem], seed_key: tuple) -> list[dict]:     # this process's share, gathered
+        indices = list(range(rank, len(problems), world_size))
+        return gather_shards(sample_answers(model, tokenizer, problems, indices, cfg, seed_key, reward_fn, precision,
+                                            progress), world_size)
+
+    def logprobs_of(problems: list[Problem]) -> Optional[list[dict]]:
+        return answer_logprobs(model, tokenizer, problems, cfg, precision) if exact else None
+
     if step0_reference is None:
-        step0_reference = {"answers": {}, "logprobs": {}}
-        for name, problems in probes.items():
-            indices = list(range(rank, len(problems), world_size))
-            step0_reference["answers"][name] = gather_shards(sample_answers(
-                model, tokenizer, problems, indices, cfg, (cfg.seed, 0, f"reference/{name}"), reward_fn, precision,
-                progress), world_size)
-            step0_reference["logprobs"][name] = answer_logprobs(model, tokenizer, problems, cfg, precision) if exact else None
+        step0_reference = {"answers": {name: answers_of(problems, (cfg.seed, 0, f"reference/{name}"))
+                                       for name, problems in probes.items()},
+                           "logprobs": {name: logprobs_of(problems) for name, problems in probes.items()}}
     metrics, histogram = {}, None
     for name, problems in probes.items():
-        indices = list(range(rank, len(problems), world_size))
-        counted = gather_shards(sample_answers(model, tokenizer, problems, indices, cfg, (cfg.seed, step, f"answers/{name}"),
-                                               reward_fn, precision, progress), world_size)
+        counted = answers_of(problems, (cfg.seed, step, f"answers/{name}"))
         metrics.update(distribution_metrics(counted, step0_reference["answers"][name], name))
+        logprobs, ref_logprobs = logprobs_of(problems), step0_reference["logprobs"][name]
         if exact:
-            logprobs = answer_logprobs(model, tokenizer, problems, cfg, precision)
-            spreads = [ratio_spread(now, then) for now, then in zip(logprobs, step0_reference["logprobs"][name])]
+            spreads = [ratio_spread(now, then) for now, then in zip(logprobs, ref_logprobs)]
             metrics[f"{name}_ratio_spread"] = float(np.mean(spreads))
         if name == "train":
             histogram = {"question": problems[0].question, **counted[0]}
             if exact:
-                histogram["log_ratio"] = {a: logprobs[0][a] - step0_reference["logprobs"][name][0][a] for a in logprobs[0]}
+                histogram["log_ratio"] = {a: logprobs[0][a] - ref_logprobs[0][a] for a in logprobs[0]}
     return {**metrics, "dist_samples": cfg.dist_samples, "histogram": histogram}, step0_reference
 
 
@@ -1463,8 +1474,9 @@ def print_summary(before: Optional[dict], after: Optional[dict]) -> None:
     if not evaluations:
         return
     print(f"\n{'held-out':<34}" + "".join(f"{'step ' + str(record['step']):>12}" for record in evaluations))
-    for key, value in evaluations[0].items():
-        if isinstance(value, float) and key != "eval_seconds" and all(isinstance(r.get(key), float) for r in evaluations):
+    for key in evaluations[0]:
+        shown = key != "eval_seconds" and all(isinstance(record.get(key), float) for record in evaluations)
+        if shown:
             label = SUMMARY_LABELS.get(key, key.replace("_", " ").replace("kl to step0", "KL to step 0"))
             print(f"{label:<34}" + "".join(f"{record[key]:>12.3f}" for record in evaluations))
 
