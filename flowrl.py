@@ -124,6 +124,16 @@ class Config:
     length_normalize: bool = field(default=True, metadata={"help": (
         "FlowRL only: Eq. 6's 1/|y| on the two log-likelihood terms; --no-length-normalize is the "
         "paper's ablation (the whole sequence's log-ratio to pi_ref)")})
+    log_z: str = field(default="head", metadata={"help": (
+        "FlowRL only: where log Z_phi(x) comes from. head: the learned MLP (the paper); group: each group's own "
+        "estimate, the value that zeroes the group's mean residual, detached (GFlowRL); none: 0 (the author's "
+        "later code). group and none build no head")})
+    std_normalize: bool = field(default=True, metadata={"help": (
+        "Eq. 5's division by the group's reward std, FlowRL and GRPO alike; --no-std-normalize takes r - mean(r) "
+        "(the author's later launch scripts)")})
+    skip_equal_groups: bool = field(default=False, metadata={"help": (
+        "leave groups whose rewards are all equal out of the loss, FlowRL and GRPO alike (the author's later "
+        "launch scripts, GFlowRL; DAPO's dynamic sampling without drawing more prompts in their place)")})
     # optimisation
     lr: float = field(default=3e-5, metadata={"help": (
         "policy learning rate (paper: 1e-6 for 7B/32B models; larger here for a 135M model and "
@@ -166,7 +176,8 @@ class Config:
         "samples per held-out problem, n, for pass@k. pass@1 is their mean accuracy, the paper's Avg@n: "
         "--eval-samples 16 --eval-temperature 0.6 --eval-top-p 0.95 is its Avg@16")})
     pass_k: int = field(default=4, metadata={"help": "k of pass@k (<= --eval-samples)"})
-    eval_temperature: float = field(default=0.6, metadata={"help": "sampling temperature at eval (paper: 0.6)"})
+    eval_temperature: float = field(default=0.6, metadata={"help": (
+        "sampling temperature at eval (paper: 0.6); 0: greedy, so all --eval-samples samples are the greedy one")})
     eval_top_p: float = field(default=0.95, metadata={"help": "top-p at eval (paper: 0.95)"})
     dist_prompts: Optional[int] = field(default=None, metadata={"help": (
         "answer-distribution metrics on this many held-out prompts and as many fixed training prompts. "
@@ -209,33 +220,74 @@ def dist_prompt_count(cfg: Config) -> int:
     return 8 if cfg.task == "pick" and cfg.data is None else 0
 
 
+class ConfigError(ValueError):
+    """Flag values that cannot work, one line each: `--flag VALUE: why`."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
 def validate(cfg: Config, world_size: int = 1) -> None:
+    """Every flag checked against the range the method gives it, before anything heavy happens (the model loads
+    after this). Raises ConfigError naming each bad value."""
     problems = []
-    if cfg.algo not in ("flowrl", "grpo"):
-        problems.append(f"--algo must be flowrl or grpo, not {cfg.algo!r}")
-    if cfg.task not in TASKS:
-        problems.append(f"--task must be one of {', '.join(TASKS)}, not {cfg.task!r}")
-    if cfg.precision not in ("auto", "bf16", "fp32"):
-        problems.append(f"--precision must be auto, bf16 or fp32, not {cfg.precision!r}")
-    if cfg.group_size < 2:
-        problems.append("--group-size must be >= 2: rewards are normalised within each group (Eq. 5)")
-    if not 1 <= cfg.pass_k <= cfg.eval_samples:
-        problems.append("--pass-k must be between 1 and --eval-samples")
-    if cfg.updates_per_batch < 1 or cfg.updates_per_batch > cfg.prompts_per_step // world_size:
-        problems.append("--updates-per-batch must be between 1 and --prompts-per-step (per process): "
-                        "a mini-batch is whole groups")
-    if min(cfg.prompts_per_step, cfg.max_new_tokens, cfg.micro_batch_size, cfg.eval_size) < 1 or cfg.steps < 0:
-        problems.append("--prompts-per-step, --max-new-tokens, --micro-batch-size and --eval-size must be >= 1, "
-                        "--steps >= 0")
-    if dist_prompt_count(cfg) < 0 or (dist_prompt_count(cfg) and cfg.dist_samples < 2):
-        problems.append("--dist-prompts must be >= 0 and --dist-samples >= 2")
-    if cfg.temperature <= 0:
-        problems.append("--temperature must be > 0 (log-probs are computed from logits / temperature)")
-    if cfg.prompts_per_step % world_size:
-        problems.append(f"--prompts-per-step ({cfg.prompts_per_step}) must be a multiple of the number of "
-                        f"processes ({world_size}): each takes an equal share")
+
+    def check(name: str, ok: bool, why: str) -> None:
+        if not ok:
+            problems.append(f"--{name.replace('_', '-')} {getattr(cfg, name)}: {why}")
+
+    def number(name: str, low: float, high: float = math.inf, low_open: bool = False, high_open: bool = False,
+               why: str = "") -> None:
+        value = getattr(cfg, name)
+        inside = math.isfinite(value) and (low < value if low_open else low <= value) and \
+            (value < high if high_open else value <= high)
+        bounds = (f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}" if math.isfinite(high)
+                  else f"{'>' if low_open else '>='} {low:g}")
+        check(name, inside, f"must be a finite number {bounds}" + (f" ({why})" if why else ""))
+
+    check("algo", cfg.algo in ("flowrl", "grpo"), "must be flowrl or grpo")
+    check("log_z", cfg.log_z in ("head", "group", "none"), "must be head, group or none")
+    check("task", cfg.task in TASKS, f"must be one of {', '.join(TASKS)}")
+    check("precision", cfg.precision in ("auto", "bf16", "fp32"), "must be auto, bf16 or fp32")
+    check("device", re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device) is not None, "must be auto, cpu or cuda")
+    check("operations", bool(cfg.operations) and not set(cfg.operations) - set("+-*"), "must be made of + - *")
+    check("max_operand", cfg.max_operand >= cfg.min_operand, f"must be >= --min-operand ({cfg.min_operand})")
+    check("seed", cfg.seed >= 0, "must be >= 0 (it seeds numpy's SeedSequence)")
+    check("steps", cfg.steps >= 0, "must be >= 0 (0: evaluate only)")
+    check("prompts_per_step", cfg.prompts_per_step >= 1 and cfg.prompts_per_step % world_size == 0,
+          f"must be a positive multiple of the number of processes ({world_size}): each takes an equal share")
+    check("group_size", cfg.group_size >= 2, "must be >= 2: rewards are normalised within each group (Eq. 5)")
+    check("max_new_tokens", cfg.max_new_tokens >= 1, "must be >= 1")
+    number("temperature", 0, low_open=True, why="log-probs are computed from logits / temperature")
+    number("beta", 0, low_open=True, why="the scale of exp(beta r): 0 ignores the reward, < 0 rewards errors")
+    number("clip_eps", 0, 1, low_open=True, high_open=True, why="the weight is clipped to [1 - eps, 1 + eps]")
+    number("kl_coef", 0)
+    number("lr", 0)
+    number("log_z_lr", 0)
+    number("weight_decay", 0)
+    check("warmup_steps", cfg.warmup_steps >= 0, "must be >= 0")
+    number("max_grad_norm", 0, low_open=True)
+    check("updates_per_batch", 1 <= cfg.updates_per_batch <= cfg.prompts_per_step // world_size,
+          "must be between 1 and --prompts-per-step (per process): a mini-batch is whole groups")
+    check("micro_batch_size", cfg.micro_batch_size >= 1, "must be >= 1")
+    if cfg.algo == "flowrl" and cfg.log_z == "group":
+        check("micro_batch_size", cfg.micro_batch_size >= cfg.group_size,
+              f"must hold a whole group (--group-size {cfg.group_size}) with --log-z group: the estimate needs "
+              f"every log-ratio of the group")
+    check("eval_size", cfg.eval_size >= 1, "must be >= 1")
+    check("eval_every", cfg.eval_every >= 0, "must be >= 0 (0: only at the start and the end)")
+    check("eval_samples", cfg.eval_samples >= 1, "must be >= 1")
+    check("pass_k", 1 <= cfg.pass_k <= cfg.eval_samples, f"must be between 1 and --eval-samples ({cfg.eval_samples})")
+    number("eval_temperature", 0, why="0: greedy decoding")
+    number("eval_top_p", 0, 1, low_open=True)
+    check("dist_prompts", cfg.dist_prompts is None or cfg.dist_prompts >= 0, "must be >= 0 (0: off)")
+    check("dist_samples", cfg.dist_samples >= 2, "must be >= 2")
+    check("show_examples", cfg.show_examples >= 0, "must be >= 0")
+    check("save_every", cfg.save_every >= 0, "must be >= 0 (0: at the end only)")
+    number("timeout_minutes", 0, low_open=True)
     if problems:
-        raise ValueError("; ".join(problems))
+        raise ConfigError(problems)
 
 
 # =====================================================================================================
@@ -264,10 +316,6 @@ def arithmetic_problems(operations: str, min_operand: int, max_operand: int, eva
     >>> len(train), len(held_out), held_out[0].question.startswith("What is")
     (50, 50, True)
     """
-    if not operations or set(operations) - set("+-*"):
-        raise ValueError(f"--operations must be made of + - *, got {operations!r}")
-    if max_operand < min_operand:
-        raise ValueError("--max-operand must be >= --min-operand")
     operands = range(min_operand, max_operand + 1)
     results = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
     problems = [Problem(f"What is {a} {op} {b}?", str(results[op](a, b)))
@@ -299,8 +347,13 @@ def load_jsonl(path: str, question_field: str, answer_field: str) -> list[Proble
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data file not found: {path}")
     problems = []
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, 1):
+    with open(path, "rb") as f:                   # bytes, so that a line that is not UTF-8 can be named
+        for line_number, raw_line in enumerate(f, 1):
+            try:
+                line = raw_line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(f"{path}, line {line_number}: not UTF-8 text ({error.reason}: byte "
+                                 f"{raw_line[error.start:error.start + 1]!r} at column {error.start + 1})") from None
             if not line.strip():
                 continue
             try:
@@ -803,32 +856,40 @@ def batched_token_logprobs(model, rollouts: Rollouts, temperature: float, micro_
 # =====================================================================================================
 # 6. The losses: FlowRL (Eq. 5, Eq. 6) and the GRPO baseline (Eq. 1)
 # =====================================================================================================
-def group_normalize(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
+def group_normalize(rewards: torch.Tensor, group_size: int, eps: float = 1e-6,
+                    std_normalize: bool = True) -> torch.Tensor:
     """Eq. 5, reward normalisation: r_hat_i = (r_i - mean(r_1..r_G)) / std(r_1..r_G), per group of G.
 
     rewards [B] with B = num_prompts * G, groups contiguous. Unbiased std plus eps, as the official code;
-    a group whose rewards are all equal gets zeros.
+    a group whose rewards are all equal gets zeros. std_normalize=False: r_i - mean(r_1..r_G) (the author's later
+    launch scripts, `norm_adv_by_std_in_grpo=False`), so that beta scales the same reward gap in every group.
     >>> group_normalize(torch.tensor([1., 0., 0., 0., 1., 1., 1., 1.]), 4)
     tensor([ 1.5000, -0.5000, -0.5000, -0.5000,  0.0000,  0.0000,  0.0000,  0.0000])
+    >>> group_normalize(torch.tensor([1., 0., 0., 0.]), 4, std_normalize=False)
+    tensor([ 0.7500, -0.2500, -0.2500, -0.2500])
     """
     if group_size < 2 or rewards.numel() % group_size:
         raise ValueError(f"need groups of >= 2 completions; got {rewards.numel()} rewards in groups of {group_size}")
     grouped = rewards.view(-1, group_size)                                   # [num_prompts, G]
-    mean = grouped.mean(-1, keepdim=True)
+    centred = grouped - grouped.mean(-1, keepdim=True)
+    if not std_normalize:
+        return centred.view(-1)                                              # [B]
     std = grouped.std(-1, keepdim=True)                                      # unbiased
-    return ((grouped - mean) / (std + eps)).view(-1)                         # [B]
+    return (centred / (std + eps)).view(-1)                                  # [B]
 
 
 def flowrl_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, old_logprobs: torch.Tensor,
-                log_z: torch.Tensor, reward_hat: torch.Tensor, completion_mask: torch.Tensor,
-                beta: float = 15.0, clip_eps: float = 0.2, length_normalize: bool = True):
+                log_z: Optional[torch.Tensor], reward_hat: torch.Tensor, completion_mask: torch.Tensor,
+                beta: float = 15.0, clip_eps: float = 0.2, length_normalize: bool = True, group_size: int = 0):
     """Eq. 6, the final FlowRL objective (trajectory balance, length-normalised, importance-weighted):
 
         L = w * ( log Z_phi(x) + 1/|y| log pi_theta(y|x) - beta * r_hat(x,y) - 1/|y| log pi_ref(y|x) )^2
         w = clip( pi_theta(y|x) / pi_old(y|x), 1 - eps, 1 + eps )^detach
 
     logprobs, ref_logprobs, old_logprobs: [B, T] per-token log-probs of the response under pi_theta,
-    pi_ref and pi_old; completion_mask [B, T] is 1 on response tokens; log_z, reward_hat: [B].
+    pi_ref and pi_old; completion_mask [B, T] is 1 on response tokens; reward_hat: [B]. log_z [B]: from the
+    log Z head (the paper), zeros for no log Z (the author's later code), or None: each group of `group_size`
+    consecutive rows gets its own estimate, the value that zeroes the group's mean residual, detached (GFlowRL).
     length_normalize=False drops the 1/|y| (the paper's ablation: Eq. 4's sequence log-ratio, weighted).
     Returns (mean over the B sequences, stats of detached tensors).
 
@@ -851,12 +912,18 @@ def flowrl_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, old_logprobs
 
     # Length normalisation (1/|y|) applies to the two log-likelihood terms only, not to log Z or beta*r_hat.
     normalizer = length if length_normalize else 1.0
+    if log_z is None:   # log Z from the group itself: mean over the group of beta r_hat - the normalised log-ratio
+        if group_size < 1:
+            raise ValueError("log_z=None estimates log Z from each group: give group_size")
+        target = (beta * reward_hat - (seq_logprob - seq_ref_logprob) / normalizer).detach()       # [B]
+        log_z = target.view(-1, group_size).mean(-1).repeat_interleave(group_size)              # [B]
     residual = log_z + seq_logprob / normalizer - beta * reward_hat - seq_ref_logprob / normalizer  # [B]
     loss = (weight * residual.pow(2)).mean()
 
     stats = {
         "residual": residual.detach(),                                    # [B]
         "weight": weight,                                                 # [B]
+        "log_z": log_z.detach(),                                          # [B]
         "residual_mean": residual.detach().mean(),
         "residual_abs_mean": residual.detach().abs().mean(),
         "log_z_mean": log_z.detach().mean(),
@@ -912,72 +979,142 @@ def score(texts: list[str], problems: list[Problem], samples_per_prompt: int,
     return torch.tensor([reward_fn(text, problems[i // samples_per_prompt].answer) for i, text in enumerate(texts)])
 
 
-def policy_update(policy, log_z_head, optimizer, rollouts: Rollouts, reward_hat: torch.Tensor,
+def policy_update(policy, log_z_head: Optional["LogZHead"], optimizer, rollouts: Rollouts, reward_hat: torch.Tensor,
                   ref_logprobs: Optional[torch.Tensor], old_logprobs: Optional[torch.Tensor], cfg: Config,
-                  precision: str = "fp32", world_size: int = 1) -> tuple[dict, dict]:
+                  precision: str = "fp32", world_size: int = 1,
+                  trained_groups: Optional[torch.Tensor] = None) -> tuple[dict, dict, dict]:
     """The loss (Eq. 6, or Eq. 1 for GRPO) and `cfg.updates_per_batch` AdamW updates on mini-batches of one
     rollout batch, each accumulated over micro-batches. Under torchrun each process holds its share of the
-    batch and the gradients (policy and log Z head) are averaged over processes before each update, so an
-    update means the same as in one process given the whole batch. A non-finite loss or gradient on any process
-    skips that update on all of them.
+    batch and the gradients (policy and log Z head) are summed over processes before each update, each
+    micro-batch's loss weighted by its share of the whole mini-batch's sequences on all processes, so an update
+    means the same as in one process given the whole batch. A non-finite loss or gradient on any process skips
+    that update on all of them.
 
     ref_logprobs, old_logprobs: [B, T] (None: no reference model / pi_old is the current policy, w = 1).
-    Returns (sums over this process's sequences of the loss and its stats, per-sequence values [B]).
+    log_z_head: None for GRPO and for --log-z group / none. trained_groups: the groups that enter the loss (all
+    by default; --skip-equal-groups leaves some out); a mini-batch left with no sequence on any process makes no
+    update. Returns (sums over this process's sequences in the loss of the loss and its stats; per-update
+    numbers, the same on every process: updates made and skipped, sums of the gradient norms before clipping;
+    per-sequence values [B], NaN where a sequence was not in the loss).
     """
     device = reward_hat.device
     batch_size = len(rollouts.texts)
-    params = list(policy.parameters()) + list(log_z_head.parameters())
+    policy_params = list(policy.parameters())
+    head_params = list(log_z_head.parameters()) if log_z_head is not None else []
+    params = policy_params + head_params
     policy.train()
-    log_z_head.train()
-    sums, skipped_updates = collections.defaultdict(float, loss=0.0), 0
-    per_sequence = {name: torch.full((batch_size,), float("nan"))  # for --log-rollouts
+    if log_z_head is not None:
+        log_z_head.train()
+    sums = collections.defaultdict(float, loss=0.0)
+    updates = collections.defaultdict(float, updates=0, skipped_updates=0)
+    per_sequence = {name: torch.full((batch_size,), float("nan"))  # for --log-rollouts and the diagnostics
                     for name in ("log_z", "residual", "importance_weight")}
+    if trained_groups is None:
+        trained_groups = torch.arange(batch_size // cfg.group_size)
     # Mini-batches are whole groups (prompts, as the paper's "32 prompts" mini-batch), chosen at random.
-    for groups in torch.randperm(batch_size // cfg.group_size).tensor_split(cfg.updates_per_batch):
-        minibatch_size = len(groups) * cfg.group_size
+    for groups in trained_groups[torch.randperm(len(trained_groups))].tensor_split(cfg.updates_per_batch):
+        minibatch_size = all_reduce_sum({"rows": len(groups) * cfg.group_size}, world_size)["rows"]  # all processes
+        if not minibatch_size:
+            continue
         finite = True
         for rows, shared in forward_passes(groups, cfg.group_size, cfg.micro_batch_size):
             rows = rows.to(device)
             with autocast(policy, precision):
                 logprobs, log_z = token_logprobs_and_log_z(
                     policy, rollouts.input_ids[rows], rollouts.attention_mask[rows], rollouts.prompt_length,
-                    cfg.temperature, log_z_head if cfg.algo == "flowrl" else None, group_size=shared)  # [b, T], [b]
+                    cfg.temperature, log_z_head, group_size=shared)                        # [b, T], [b] or None
             old = old_logprobs[rows] if old_logprobs is not None else logprobs.detach()
             ref = ref_logprobs[rows] if ref_logprobs is not None else logprobs.detach()
             mask = rollouts.completion_mask[rows]
             if cfg.algo == "flowrl":
+                if cfg.log_z == "none":
+                    log_z = torch.zeros(len(rows), device=device)
                 loss, stats = flowrl_loss(logprobs, ref, old, log_z, reward_hat[rows], mask,
                                           beta=cfg.beta, clip_eps=cfg.clip_eps,
-                                          length_normalize=cfg.length_normalize)
-                per_sequence["residual"][rows.cpu()] = stats.pop("residual").float().cpu()
-                per_sequence["importance_weight"][rows.cpu()] = stats.pop("weight").float().cpu()
-                per_sequence["log_z"][rows.cpu()] = log_z.detach().float().cpu()
+                                          length_normalize=cfg.length_normalize, group_size=cfg.group_size)
+                for name, key in (("residual", "residual"), ("importance_weight", "weight"), ("log_z", "log_z")):
+                    per_sequence[name][rows.cpu()] = stats.pop(key).float().cpu()
             else:
                 loss, stats = grpo_loss(logprobs, old, ref, reward_hat[rows], mask,
                                         clip_eps=cfg.clip_eps, kl_coef=cfg.kl_coef)
             if not torch.isfinite(loss):
                 finite = False
                 break
-            # each micro-batch's mean, weighted by its share, adds up to the mini-batch mean
+            # each micro-batch's mean, weighted by its share of the mini-batch, adds up to the mini-batch mean
             (loss * len(rows) / minibatch_size).backward()
             for name, value in {"loss": loss, **stats}.items():
                 sums[name] += value.item() * len(rows)
         if world_size > 1:
-            # The same collectives on every process whatever its data: agree first, then average the gradients.
+            # The same collectives on every process whatever its data: agree first, then sum the weighted gradients.
             finite = all_reduce_sum({"finite": float(finite)}, world_size)["finite"] == world_size
             for param in params:
-                if finite and param.grad is not None:
+                if finite:
+                    if param.grad is None:        # no sequence of this mini-batch on this process
+                        param.grad = torch.zeros_like(param)
                     dist.all_reduce(param.grad)
-                    param.grad /= world_size
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if finite else None
+        if finite:
+            policy_norm = torch.nn.utils.get_total_norm([p.grad for p in policy_params if p.grad is not None])
+            log_z_norm = torch.nn.utils.get_total_norm([p.grad for p in head_params if p.grad is not None])
+            grad_norm = torch.linalg.vector_norm(torch.stack([policy_norm, log_z_norm.to(policy_norm.device)]))
         if finite and torch.isfinite(grad_norm):
+            torch.nn.utils.clip_grads_with_norm_(params, cfg.max_grad_norm, grad_norm)
             optimizer.step()
+            updates["updates"] += 1
+            for name, value in (("grad_norm", grad_norm), ("grad_norm_policy", policy_norm),
+                                ("grad_norm_log_z", log_z_norm)):
+                updates[name] += value.item()
         else:
-            skipped_updates += 1
+            updates["skipped_updates"] += 1
             tqdm.write("non-finite loss or gradient: update skipped (weights unchanged)")
         optimizer.zero_grad(set_to_none=True)  # gradients freed now, not kept through the next step's sampling
-    sums["skipped_updates"] = skipped_updates
-    return dict(sums), per_sequence
+    return dict(sums), dict(updates), per_sequence
+
+
+def equal_reward_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[B / G] True for each group whose rewards are all equal (r_hat = 0 for all of its samples).
+
+    >>> equal_reward_groups(torch.tensor([1., 0., 1., 1., 0., 0.]), 2)
+    tensor([False,  True,  True])
+    """
+    grouped = rewards.view(-1, group_size)
+    return (grouped == grouped[:, :1]).all(-1)
+
+
+def loss_diagnostics(rewards: torch.Tensor, residual: torch.Tensor, log_z: torch.Tensor, reward_hat: torch.Tensor,
+                     beta: float, group_size: int) -> dict[str, float]:
+    """What the loss did on this batch, from tensors the step already has, as sums over this process's groups
+    (training_step turns them into means). rewards, residual, log_z, reward_hat: [B], groups of G contiguous;
+    residual and log_z NaN where a sequence was not in the FlowRL loss (GRPO: all NaN).
+
+    - equal_reward_groups: groups whose rewards are all equal. Their r_hat is 0, so Eq. 6 pushes the normalised
+      log-ratio of each of their samples towards -log Z, with no reward information (GRPO: no gradient but KL).
+    - Over the groups in the FlowRL loss, the residual split in two: its group mean (what log Z should absorb:
+      0 when log Z is the value that zeroes the group's mean residual, `log_z_target`) and the part within
+      groups, which only the policy can remove; beside it beta * r_hat, what the within-group part would be
+      if the policy's log-ratios were all equal: residual_within near beta_reward_hat, the loss is still far
+      from its target and acts as a policy gradient on r_hat; near 0, it is matching.
+
+    >>> d = loss_diagnostics(torch.tensor([1., 0, 1, 1]), torch.tensor([1., -1, 0.5, 0.5]), torch.zeros(4),
+    ...                      torch.tensor([.7, -.7, 0, 0]), 1.0, 2)
+    >>> d["equal_reward_groups"], d["residual_group_mean_sq"], d["residual_within_sq"], d["log_z_target"]
+    (1.0, 0.25, 2.0, -0.5)
+    """
+    equal = equal_reward_groups(rewards, group_size)                                      # [groups]
+    diagnostics = {"groups": float(len(equal)), "equal_reward_groups": float(equal.sum())}
+    residual = residual.view(-1, group_size)
+    in_loss = ~residual.isnan().any(-1)                                                   # [groups]
+    if not in_loss.any():                                                                 # GRPO, or none in the loss
+        return diagnostics
+    residual = residual[in_loss]
+    group_mean = residual.mean(-1, keepdim=True)                                          # [groups in loss, 1]
+    diagnostics.update({
+        "groups_in_loss": in_loss.sum().item(),
+        "residual_group_mean_sq": group_mean.pow(2).sum().item(),
+        "residual_within_sq": (residual - group_mean).pow(2).sum().item(),
+        "beta_reward_hat_sq": (beta * reward_hat.view(-1, group_size)[in_loss]).pow(2).sum().item(),
+        "log_z_target": (log_z.view(-1, group_size)[in_loss].mean(-1) - group_mean.squeeze(-1)).sum().item(),
+    })
+    return diagnostics
 
 
 def training_step(policy, reference, log_z_head, optimizer, tokenizer, problems: list[Problem], cfg: Config,
@@ -998,7 +1135,9 @@ def training_step(policy, reference, log_z_head, optimizer, tokenizer, problems:
 
     # ---- 2. reward r(x, y) (Section 3) and its group normalisation r_hat (Eq. 5) -------------------------------
     rewards = score(rollouts.texts, problems, cfg.group_size, reward_fn).to(device)     # r      [B]
-    reward_hat = group_normalize(rewards, cfg.group_size)                                # r_hat  [B]
+    reward_hat = group_normalize(rewards, cfg.group_size, std_normalize=cfg.std_normalize)  # r_hat [B]
+    equal_groups = equal_reward_groups(rewards, cfg.group_size).cpu()                  # [B / G]
+    trained_groups = torch.arange(len(equal_groups))[~equal_groups] if cfg.skip_equal_groups else None
 
     # ---- 3. log-probs of pi_ref, and of pi_old when several updates share this batch --------------------------
     train_start = time.perf_counter()
@@ -1009,23 +1148,43 @@ def training_step(policy, reference, log_z_head, optimizer, tokenizer, problems:
     old_logprobs = logprobs_of(policy) if cfg.updates_per_batch > 1 else None          # [B, T]
 
     # ---- 4. loss and updates ----------------------------------------------------------------------------------
-    sums, per_sequence = policy_update(policy, log_z_head, optimizer, rollouts, reward_hat, ref_logprobs,
-                                       old_logprobs, cfg, precision, world_size)
+    sums, updates, per_sequence = policy_update(policy, log_z_head, optimizer, rollouts, reward_hat, ref_logprobs,
+                                                old_logprobs, cfg, precision, world_size, trained_groups)
     train_seconds = time.perf_counter() - train_start
 
     generated_tokens = int(rollouts.completion_mask.sum())
+    diagnostics = loss_diagnostics(rewards.cpu(), per_sequence["residual"], per_sequence["log_z"], reward_hat.cpu(),
+                                   cfg.beta, cfg.group_size)
+    in_loss = len(trained_groups) * cfg.group_size if trained_groups is not None else len(rollouts.texts)
     totals = all_reduce_sum({
-        **sums, "sequences": len(rollouts.texts), "reward": rewards.sum().item(),
-        "correct": (rewards == 1.0).sum().item(), "generated_tokens": generated_tokens,
-        "truncated": rollouts.truncated.sum().item()}, world_size)
-    sequences = totals.pop("sequences")
+        **sums, **diagnostics, "sequences": len(rollouts.texts), "sequences_in_loss": in_loss,
+        "reward": rewards.sum().item(), "correct": (rewards == 1.0).sum().item(),
+        "generated_tokens": generated_tokens, "truncated": rollouts.truncated.sum().item()}, world_size)
+    sequences, in_loss = totals.pop("sequences"), totals.pop("sequences_in_loss")
+    groups, flowrl_groups = totals.pop("groups"), totals.pop("groups_in_loss", 0.0)
+    flowrl_sequences = flowrl_groups * cfg.group_size
+
+    def ratio(numerator: str, denominator: float, root: bool = False) -> Optional[float]:
+        value = totals.pop(numerator, 0.0)
+        return None if not denominator else math.sqrt(value / denominator) if root else value / denominator
+
+    made = updates.pop("updates")
     record = {
         "reward_mean": totals.pop("reward") / sequences,
         "accuracy": totals.pop("correct") / sequences,
         "response_length_mean": totals.pop("generated_tokens") / sequences,
         "truncated_frac": totals.pop("truncated") / sequences,
-        "skipped_updates": int(totals.pop("skipped_updates")) // world_size,
-        **{name: value / sequences for name, value in totals.items()},
+        "equal_reward_group_frac": ratio("equal_reward_groups", groups),
+        "in_loss_frac": in_loss / sequences,
+        **({"residual_group_mean_rms": ratio("residual_group_mean_sq", flowrl_groups, root=True),
+            "residual_within_rms": ratio("residual_within_sq", flowrl_sequences, root=True),
+            "beta_reward_hat_rms": ratio("beta_reward_hat_sq", flowrl_sequences, root=True),
+            "log_z_target_mean": ratio("log_z_target", flowrl_groups)} if cfg.algo == "flowrl" else {}),
+        "updates": int(made),
+        "skipped_updates": int(updates.pop("skipped_updates")),
+        **{name: value / made if made else None for name, value in updates.items()
+           if name != "grad_norm_log_z" or log_z_head is not None},
+        **{name: value / in_loss if in_loss else None for name, value in totals.items()},
         "step_seconds": time.perf_counter() - step_start,
         "generation_seconds": generation_seconds,
         "train_seconds": train_seconds,
@@ -1063,6 +1222,29 @@ def load_policy_and_reference(cfg: Config, checkpoint: Optional[str], device: to
     return policy, reference, tokenizer
 
 
+def uses_log_z_head(cfg: Config) -> bool:
+    return cfg.algo == "flowrl" and cfg.log_z == "head"
+
+
+def load_training_state(checkpoint: str, state: dict, log_z_head: Optional[LogZHead], optimizer) -> None:
+    """The log Z head's weights and the optimiser's state from a checkpoint. A checkpoint with a head that this
+    run does not train (saved with --log-z head, or a GRPO run of an older flowrl.py, which built an unused head)
+    leaves the head's optimiser state out; a run that trains a head needs a checkpoint that has one."""
+    head_file = os.path.join(checkpoint, "log_z_head.pt")
+    if log_z_head is not None:
+        if not os.path.isfile(head_file):
+            raise ValueError(f"{checkpoint} has no log Z head (trained with --log-z group or none, or --algo grpo): "
+                             f"resume it with the --algo and --log-z it was trained with")
+        log_z_head.load_state_dict(torch.load(head_file))
+    saved = state["optimizer"]
+    kept = len(optimizer.param_groups)
+    if len(saved["param_groups"]) > kept:
+        dropped = {index for group in saved["param_groups"][kept:] for index in group["params"]}
+        saved = {"state": {index: value for index, value in saved["state"].items() if index not in dropped},
+                 "param_groups": saved["param_groups"][:kept]}
+    optimizer.load_state_dict(saved)
+
+
 def train(cfg: Config) -> dict:
     """Run FlowRL (or GRPO) as configured, or with --steps 0 only evaluate; returns the first and last
     evaluation results."""
@@ -1084,15 +1266,15 @@ def train(cfg: Config) -> dict:
 
     checkpoint = find_checkpoint(cfg.resume) if cfg.resume else None
     policy, reference, tokenizer = load_policy_and_reference(cfg, checkpoint, device, precision)
-    log_z_head = LogZHead(policy.config.hidden_size).to(device)
+    log_z_head = LogZHead(policy.config.hidden_size).to(device) if uses_log_z_head(cfg) else None
     # fused: one kernel per step, without the foreach path's temporaries the size of the parameters
-    optimizer = torch.optim.AdamW([{"params": policy.parameters()}, {"params": log_z_head.parameters()}],
+    optimizer = torch.optim.AdamW([{"params": policy.parameters()}]
+                                  + ([{"params": log_z_head.parameters()}] if log_z_head is not None else []),
                                   lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     start_step, step0_reference = 0, None
     if checkpoint:
         state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)
-        log_z_head.load_state_dict(torch.load(os.path.join(checkpoint, "log_z_head.pt")))
-        optimizer.load_state_dict(state["optimizer"])
+        load_training_state(checkpoint, state, log_z_head, optimizer)
         data_rng.setstate(state["data_rng"])
         start_step, step0_reference = state["step"], state.get("step0_reference")
     probes = {"held_out": held_out[:dist_prompt_count(cfg)],            # fixed: the first of the (seed-independent)
@@ -1148,8 +1330,8 @@ def train(cfg: Config) -> dict:
                 metrics_file.write(json.dumps({"split": "train", "step": step + 1, "algo": cfg.algo, **record,
                                                "lr": optimizer.param_groups[0]["lr"]}) + "\n")
                 metrics_file.flush()
-                progress.set_postfix(reward=f"{record['reward_mean']:.2f}", loss=f"{record['loss']:.3g}",
-                                     log_z=f"{record.get('log_z_mean', 0.0):.2f}")
+                progress.set_postfix(reward=f"{record['reward_mean']:.2f}", loss=f"{record['loss'] or 0.0:.3g}",
+                                     log_z=f"{record.get('log_z_mean') or 0.0:.2f}")
                 if rollouts_file is not None:
                     rollouts_file.writelines(json.dumps({"step": step + 1, **row}) + "\n" for row in rows)
                     rollouts_file.flush()
@@ -1202,13 +1384,18 @@ def distinct_n(token_sequences: list, n: int = 2) -> float:
     return len(set(ngrams)) / len(ngrams) if ngrams else 0.0
 
 
+def problems_per_call(n: int, cfg: Config) -> int:
+    """Evaluation samples n completions of as many problems at once as make one training batch (at least one)."""
+    return max(1, cfg.prompts_per_step * cfg.group_size // n)
+
+
 @torch.no_grad()
 def sample_problems(model, tokenizer, problems: list[Problem], indices: list[int], n: int, cfg: Config,
                     precision: str, seed_key: Optional[tuple] = None, **sampling):
     """Yields (a batch of indices into problems, their Rollouts): n completions of each problems[i], i in indices,
     as many problems a call as fill one training batch. With seed_key, problem i's samples come from the seed
     (*seed_key, i): the same whichever process draws them and whatever else is in the call."""
-    chunk = max(1, cfg.prompts_per_step * cfg.group_size // n)
+    chunk = problems_per_call(n, cfg)
     for start in range(0, len(indices), chunk):
         batch = indices[start:start + chunk]
         prompts = [format_prompt(tokenizer, problems[i].question) for i in batch]
@@ -1235,7 +1422,7 @@ def accuracy_metrics(model, tokenizer, problems: list[Problem], cfg: Config, ste
             progress.update()
     for batch, rollouts in sample_problems(model, tokenizer, problems, indices, n, cfg, precision,
                                            (cfg.seed, step, "eval_samples"), temperature=cfg.eval_temperature,
-                                           top_p=cfg.eval_top_p):
+                                           top_p=cfg.eval_top_p, greedy=cfg.eval_temperature == 0):
         rewards = score(rollouts.texts, [problems[i] for i in batch], n, reward_fn)
         for g, i in enumerate(batch):
             group = slice(g * n, (g + 1) * n)
@@ -1363,6 +1550,33 @@ def ratio_spread(logprobs: dict, ref_logprobs: dict) -> float:
     return float(np.std([logprobs[answer] - ref_logprobs[answer] for answer in logprobs]))
 
 
+def answer_entropy(logprobs: dict) -> float:
+    """Entropy (nats) of the policy's distribution over a prompt's correct answers, exact: each answer's scored
+    log pi(y|x), renormalised over the correct answers. No sampling noise, and no bias from how many samples were
+    correct (a plug-in entropy from n samples reads about (K - 1) / 2n low, Miller-Madow).
+
+    >>> round(answer_entropy({"3": math.log(0.1), "7": math.log(0.1)}), 4), answer_entropy({"3": -2.0})
+    (0.6931, 0.0)
+    """
+    log_p = torch.tensor(list(logprobs.values()), dtype=torch.float64).log_softmax(0)
+    return float(-(log_p.exp() * log_p).sum()) + 0.0      # + 0.0: one answer gives 0.0, not -0.0
+
+
+def answer_kl(logprobs: dict, ref_logprobs: dict) -> float:
+    """KL(policy || pi_ref) between their distributions over a prompt's correct answers, exact, each renormalised
+    over those answers: 0 when every correct answer has the same log-ratio log pi_theta / pi_ref.
+
+    >>> answer_kl({"3": -1.0, "7": -2.0}, {"3": -1.5, "7": -2.5})    # both moved by +0.5: pi_ref's preferences kept
+    0.0
+    >>> round(answer_kl({"3": -0.1, "7": -5.0}, {"3": -1.0, "7": -1.0}), 2)
+    0.65
+    """
+    answers = list(ref_logprobs)
+    log_p = torch.tensor([logprobs[a] for a in answers], dtype=torch.float64).log_softmax(0)
+    log_q = torch.tensor([ref_logprobs[a] for a in answers], dtype=torch.float64).log_softmax(0)
+    return float((log_p.exp() * (log_p - log_q)).sum())
+
+
 def distribution_metrics(counted: list[dict], reference: list[dict], prefix: str) -> dict:
     """Means over prompts: validity, distinct correct answers, entropy of the correct-answer distribution, and
     its smoothed KL to the step-0 model's (`reference`; prompts where either has no correct answer skipped)."""
@@ -1407,8 +1621,10 @@ def answer_distribution(model, tokenizer, probes: dict, cfg: Config, step: int, 
         metrics.update(distribution_metrics(counted, step0_reference["answers"][name], name))
         logprobs, ref_logprobs = logprobs_of(problems), step0_reference["logprobs"][name]
         if exact:
-            spreads = [ratio_spread(now, then) for now, then in zip(logprobs, ref_logprobs)]
-            metrics[f"{name}_ratio_spread"] = float(np.mean(spreads))
+            pairs = list(zip(logprobs, ref_logprobs))
+            metrics[f"{name}_ratio_spread"] = float(np.mean([ratio_spread(now, then) for now, then in pairs]))
+            metrics[f"{name}_exact_entropy"] = float(np.mean([answer_entropy(now) for now in logprobs]))
+            metrics[f"{name}_exact_kl_to_step0"] = float(np.mean([answer_kl(now, then) for now, then in pairs]))
         if name == "train":
             histogram = {"question": problems[0].question, **counted[0]}
             if exact:
@@ -1423,7 +1639,14 @@ def evaluate(model, tokenizer, problems: list[Problem], probes: dict, cfg: Confi
     answer_distribution on the probe prompts; every process takes its share and all get the whole record.
     Returns (the record, the step-0 reference of the answer distributions)."""
     start = time.perf_counter()
-    progress = tqdm(desc=f"evaluating step {step}", unit="batch", leave=False, disable=rank != 0)
+
+    def calls(count: int, n: int) -> int:      # sampling calls for this process's share of `count` problems
+        return -(-len(range(rank, count, world_size)) // problems_per_call(n, cfg))
+    total = calls(len(problems), 1) + calls(len(problems), cfg.eval_samples)
+    if any(probes.values()):    # the step-0 reference is a second draw of the answer distributions
+        total += (1 if step0_reference is not None else 2) * sum(calls(len(p), cfg.dist_samples)
+                                                                 for p in probes.values())
+    progress = tqdm(desc=f"evaluating step {step}", unit="batch", total=total, leave=False, disable=rank != 0)
     record = {"split": "eval", "step": step, "algo": cfg.algo}
     metrics, rows = accuracy_metrics(model, tokenizer, problems, cfg, step, reward_fn, precision, rank, world_size,
                                      progress)
@@ -1651,7 +1874,8 @@ def save_checkpoint(output_dir: str, model, tokenizer, log_z_head, optimizer, st
     try:
         model.save_pretrained(temporary)
         tokenizer.save_pretrained(temporary)
-        torch.save(log_z_head.state_dict(), os.path.join(temporary, "log_z_head.pt"))
+        if log_z_head is not None:
+            torch.save(log_z_head.state_dict(), os.path.join(temporary, "log_z_head.pt"))
         torch.save({"step": step, "config": dataclasses.asdict(cfg), "optimizer": optimizer.state_dict(),
                     "data_rng": data_rng.getstate(), "step0_reference": step0_reference},
                    os.path.join(temporary, "trainer_state.pt"))
@@ -1722,6 +1946,9 @@ def main(argv: Optional[list] = None) -> None:
     try:
         cfg = config_from_argv(argv)
         train(cfg)
+    except ConfigError as error:      # argparse's convention: a usage error exits with 2
+        print("\n".join(f"error: {problem}" for problem in error.problems), file=sys.stderr)
+        raise SystemExit(2) from None
     except (ValueError, OSError) as error:
         raise SystemExit(f"error: {error}") from None
 

@@ -1241,11 +1241,11 @@ def nan_batch_worker(rank, world_size, port, tiny_model_dir, batch_path, result_
     poisoned = reward_hat.clone()
     if rank == 1:
         poisoned[0] = float("nan")            # a NaN reward in this process's first micro-batch only
-    first, _ = flowrl.policy_update(policy, head, optimizer, rollouts, poisoned, ref_logprobs, None, cfg, "fp32",
-                                    world_size)
+    _, first, _ = flowrl.policy_update(policy, head, optimizer, rollouts, poisoned, ref_logprobs, None, cfg, "fp32",
+                                       world_size)
     unchanged = all(torch.equal(a, b.detach()) for a, b in zip(initial, policy.parameters()))
-    second, _ = flowrl.policy_update(policy, head, optimizer, rollouts, reward_hat, ref_logprobs, None, cfg, "fp32",
-                                     world_size)
+    _, second, _ = flowrl.policy_update(policy, head, optimizer, rollouts, reward_hat, ref_logprobs, None, cfg, "fp32",
+                                        world_size)
     torch.save({"skipped": (first["skipped_updates"], second["skipped_updates"]), "unchanged": unchanged,
                 "policy": policy.state_dict()}, f"{result_path}.{rank}")
     flowrl.dist.destroy_process_group()
