@@ -235,7 +235,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
 
     def check(name: str, ok: bool, why: str) -> None:
         if not ok:
-            problems.append(f"--{name.replace('_', '-')} {getattr(cfg, name)}: {why}")
+            value = getattr(cfg, name)
+            problems.append(f"--{name.replace('_', '-')} {format(value, 'g') if isinstance(value, float) else value}: "
+                            f"{why}")
 
     def number(name: str, low: float, high: float = math.inf, low_open: bool = False, high_open: bool = False,
                why: str = "") -> None:
@@ -268,17 +270,19 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     number("weight_decay", 0)
     check("warmup_steps", cfg.warmup_steps >= 0, "must be >= 0")
     number("max_grad_norm", 0, low_open=True)
-    check("updates_per_batch", 1 <= cfg.updates_per_batch <= cfg.prompts_per_step // world_size,
-          "must be between 1 and --prompts-per-step (per process): a mini-batch is whole groups")
+    if cfg.prompts_per_step >= world_size:     # checks that depend on another flag, once that one is good
+        check("updates_per_batch", 1 <= cfg.updates_per_batch <= cfg.prompts_per_step // world_size,
+              "must be between 1 and --prompts-per-step (per process): a mini-batch is whole groups")
     check("micro_batch_size", cfg.micro_batch_size >= 1, "must be >= 1")
-    if cfg.algo == "flowrl" and cfg.log_z == "group":
+    if cfg.algo == "flowrl" and cfg.log_z == "group" and cfg.micro_batch_size >= 1:
         check("micro_batch_size", cfg.micro_batch_size >= cfg.group_size,
               f"must hold a whole group (--group-size {cfg.group_size}) with --log-z group: the estimate needs "
               f"every log-ratio of the group")
     check("eval_size", cfg.eval_size >= 1, "must be >= 1")
     check("eval_every", cfg.eval_every >= 0, "must be >= 0 (0: only at the start and the end)")
     check("eval_samples", cfg.eval_samples >= 1, "must be >= 1")
-    check("pass_k", 1 <= cfg.pass_k <= cfg.eval_samples, f"must be between 1 and --eval-samples ({cfg.eval_samples})")
+    if cfg.eval_samples >= 1:
+        check("pass_k", 1 <= cfg.pass_k <= cfg.eval_samples, f"must be between 1 and --eval-samples ({cfg.eval_samples})")
     number("eval_temperature", 0, why="0: greedy decoding")
     number("eval_top_p", 0, 1, low_open=True)
     check("dist_prompts", cfg.dist_prompts is None or cfg.dist_prompts >= 0, "must be >= 0 (0: off)")
@@ -833,6 +837,8 @@ def forward_passes(groups: torch.Tensor, group_size: int, micro_batch_size: int)
     ([(tensor([4, 5, 0, 1]), 2)], [(tensor([4, 5]), 2), (tensor([6, 7]), 2)])
     """
     rows = (groups.unsqueeze(1) * group_size + torch.arange(group_size)).flatten()   # [len(groups) * G]
+    if not len(rows):
+        return []
     if micro_batch_size >= group_size:
         return [(chunk, group_size) for chunk in rows.split(micro_batch_size // group_size * group_size)]
     part = max(d for d in range(1, micro_batch_size + 1) if group_size % d == 0)
@@ -1248,8 +1254,8 @@ def load_training_state(checkpoint: str, state: dict, log_z_head: Optional[LogZH
 def train(cfg: Config) -> dict:
     """Run FlowRL (or GRPO) as configured, or with --steps 0 only evaluate; returns the first and last
     evaluation results."""
+    validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     rank, world_size, device = init_distributed(cfg.device, cfg.timeout_minutes)
-    validate(cfg, world_size)
     is_main = rank == 0
     output_dir = cfg.output_dir or default_output_dir(cfg)
     if not cfg.resume and find_checkpoint(output_dir, required=False):

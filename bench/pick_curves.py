@@ -1,0 +1,150 @@
+"""The README's figure and tables for `--task pick`: how much of the spread of correct answers each setting keeps
+while it learns, from the run folders' metrics.jsonl (an evaluation every --eval-every steps).
+
+    python bench/pick_curves.py runs/* --save bench/pick_curves.json    # read run folders, keep their curves
+    python bench/pick_curves.py bench/pick_curves.json                  # redraw from the kept curves
+    python bench/pick_curves.py ... --figure bench/pick_curves.png --only "GRPO" "FlowRL beta 1"
+
+Draws, for the held-out and the training questions: validity (x) against the entropy of the correct answers (y),
+sampled and exact, one line per setting and seed along training, and the ratio spread against steps. Prints, per
+run and as mean +- sample std over seeds, the final evaluation. Needs matplotlib (`pip install matplotlib`), which
+flowrl.py does not.
+"""
+import argparse
+import collections
+import json
+import os
+
+import numpy as np
+
+SPLITS = ("held_out", "train")
+METRICS = ("validity", "distinct_correct", "entropy", "exact_entropy", "kl_to_step0", "exact_kl_to_step0",
+           "ratio_spread")
+
+
+def setting_of(config: dict) -> str:
+    """A setting's name from its run's config.json: what differs from the defaults of the pick experiment."""
+    if config["algo"] == "grpo":
+        parts = ["GRPO"]
+    else:
+        parts = [f"FlowRL beta {config['beta']:g}"]
+        if not config.get("length_normalize", True):
+            parts.append("no 1/|y|")
+        if not config.get("std_normalize", True):
+            parts.append("no std")
+        if config.get("log_z", "head") != "head":
+            parts.append(f"log Z {config['log_z']}")
+    if config.get("skip_equal_groups"):
+        parts.append("skip equal groups")
+    if config["lr"] != 3e-5:
+        parts.append(f"lr {config['lr']:g}")
+    return ", ".join(parts)
+
+
+def read_run(folder: str) -> dict:
+    with open(os.path.join(folder, "config.json")) as f:
+        config = json.load(f)
+    with open(os.path.join(folder, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    evaluations = [{"step": row["step"], **{f"{split}_{name}": row.get(f"{split}_{name}")
+                                           for split in SPLITS for name in METRICS}}
+                   for row in rows if row["split"] == "eval"]
+    return {"setting": setting_of(config), "seed": config["seed"], "evaluations": evaluations}
+
+
+def read(paths: list[str]) -> dict:
+    runs = {}
+    for path in paths:
+        if os.path.isfile(path) and path.endswith(".json"):
+            with open(path) as f:
+                runs.update(json.load(f))
+        elif os.path.isfile(os.path.join(path, "metrics.jsonl")):
+            runs[os.path.basename(os.path.normpath(path))] = read_run(path)
+    return runs
+
+
+def summary(runs: dict) -> None:
+    """The final evaluation of each run, then mean +- sample std over the seeds of each setting."""
+    by_setting = collections.defaultdict(list)
+    for name, run in sorted(runs.items(), key=lambda item: (item[1]["setting"], item[1]["seed"])):
+        by_setting[run["setting"]].append(run)
+    for split in SPLITS:
+        print(f"\n{split}: final step; validity / distinct correct / entropy (exact) / KL to step 0 (exact) / "
+              f"ratio spread; step-0 KL is the noise floor")
+        for setting, group in by_setting.items():
+            for run in group:
+                first, last = run["evaluations"][0], run["evaluations"][-1]
+                values = [last[f"{split}_{name}"] for name in METRICS]
+                print(f"  {setting:<55} seed {run['seed']} step {last['step']:>3}: "
+                      "{:.2f} / {:.2f} / {:.2f} ({:.2f}) / {:.2f} ({:.2f}) / {:.2f}".format(*values)
+                      + f"   floor {first[f'{split}_kl_to_step0']:.2f}")
+            if len(group) > 1:
+                columns = np.array([[run["evaluations"][-1][f"{split}_{name}"] for name in METRICS] for run in group])
+                print(f"  {setting:<55} mean +- std over {len(group)}: " + " | ".join(
+                    f"{name} {mean:.2f} +- {std:.2f}" for name, mean, std in
+                    zip(METRICS, columns.mean(0), columns.std(0, ddof=1))))
+
+
+def draw(runs: dict, path: str, only: list[str]) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    settings = sorted({run["setting"] for run in runs.values() if not only or run["setting"] in only},
+                      key=lambda s: (not s.startswith("GRPO"), s))
+    colours = dict(zip(settings, plt.cm.tab10.colors))
+    styles = {0: "-", 1: "--", 2: ":"}
+    figure, axes = plt.subplots(2, 3, figsize=(16, 9.5))
+    for (name, run) in sorted(runs.items()):
+        if run["setting"] not in colours:
+            continue
+        evaluations = [e for e in run["evaluations"] if e["held_out_validity"] is not None]
+        style = dict(color=colours[run["setting"]], linestyle=styles.get(run["seed"], "-."), marker=".",
+                     label=f"{run['setting']} (seed {run['seed']})")
+        for row, split in enumerate(SPLITS):
+            validity = [e[f"{split}_validity"] for e in evaluations]
+            axes[row, 0].plot(validity, [e[f"{split}_entropy"] for e in evaluations], **style)
+            axes[row, 1].plot(validity, [e[f"{split}_exact_entropy"] for e in evaluations], **style)
+            axes[row, 2].plot([e["step"] for e in evaluations], [e[f"{split}_ratio_spread"] for e in evaluations],
+                              **style)
+            for column in (0, 1):      # the end of each line: where the run stopped
+                axes[row, column].plot(validity[-1], evaluations[-1][f"{split}_{('entropy', 'exact_entropy')[column]}"],
+                                       marker="o", color=style["color"])
+    for row, split in enumerate(SPLITS):
+        label = split.replace("_", "-")
+        axes[row, 0].set(xlabel=f"{label} validity (64 samples per question)",
+                         ylabel="entropy of the correct answers, sampled (nats)", title=f"{label}: sampled entropy")
+        axes[row, 1].set(xlabel=f"{label} validity", ylabel="entropy over the correct bare answers, exact (nats)",
+                         title=f"{label}: exact entropy")
+        axes[row, 2].set(xlabel="step", ylabel="ratio spread: std of log pi_theta/pi_ref over correct answers",
+                         title=f"{label}: ratio spread (0 = pi_ref's preferences kept)")
+        for axis in axes[row]:
+            axis.grid(alpha=0.3)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)
+    figure.suptitle("--task pick, SmolLM2-135M-Instruct: learning (right along x) while keeping the spread "
+                    "(high in the first two columns, low in the third); a dot marks the last evaluation")
+    figure.tight_layout(rect=(0, 0.12, 1, 0.97))
+    figure.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("paths", nargs="+", help="run folders (with metrics.jsonl and config.json) or kept .json")
+    parser.add_argument("--save", help="keep the runs' curves in this .json (a few kB a run)")
+    parser.add_argument("--figure", help="draw the figure into this image file")
+    parser.add_argument("--only", nargs="*", default=[], help="settings to draw (all by default)")
+    args = parser.parse_args()
+    runs = read(args.paths)
+    if not runs:
+        raise SystemExit("no runs found: give run folders holding metrics.jsonl and config.json, or a kept .json")
+    if args.save:
+        with open(args.save, "w") as f:
+            json.dump(runs, f, indent=1)
+    summary(runs)
+    if args.figure:
+        draw(runs, args.figure, args.only)
+
+
+if __name__ == "__main__":
+    main()
