@@ -265,15 +265,19 @@ def test_flowrl_importance_weight_is_clipped_and_detached():
 
 def test_log_z_from_the_group_is_its_mean_target_detached_and_zeroes_its_mean_residual():
     """--log-z group: each group's log Z = the mean over the group of beta r_hat - the normalised log-ratio,
-    detached: the loss's gradient is that of the same log Z given as a constant."""
+    detached: the loss's gradient is that of the same log Z given as a constant. (With equal importance weights
+    the two gradients would agree even if it were not detached, as the residuals sum to 0 in each group; pi_old
+    differs from pi_theta here, so the weights differ.)"""
     torch.manual_seed(0)
     logprobs = (torch.randn(6, 3) - 2).requires_grad_()
     ref_logprobs = torch.randn(6, 3) - 2
+    old_logprobs = logprobs.detach() + 0.03 * torch.randn(6, 3)           # weights 0.9-1.1: inside the clip
     mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 1], [1, 1, 0]])
     reward_hat = group_normalize(torch.tensor([1., 0, 0, 1, 1, 0]), 3)
     for length_normalize in (True, False):
-        loss, stats = flowrl_loss(logprobs, ref_logprobs, logprobs.detach(), None, reward_hat, mask, beta=2.0,
+        loss, stats = flowrl_loss(logprobs, ref_logprobs, old_logprobs, None, reward_hat, mask, beta=2.0,
                                   length_normalize=length_normalize, group_size=3)
+        assert stats["weight_clipped_frac"].item() == 0 and stats["weight"].std().item() > 0.01
         lengths = mask.sum(-1).float() if length_normalize else torch.ones(6)
         log_ratio = ((logprobs - ref_logprobs) * mask).sum(-1).detach() / lengths
         by_hand = [sum(2.0 * reward_hat[i].item() - log_ratio[i].item() for i in rows) / 3
@@ -283,7 +287,7 @@ def test_log_z_from_the_group_is_its_mean_target_detached_and_zeroes_its_mean_re
         loss.backward()
         gradient = logprobs.grad.clone()
         logprobs.grad = None
-        constant, _ = flowrl_loss(logprobs, ref_logprobs, logprobs.detach(), stats["log_z"].clone(), reward_hat, mask,
+        constant, _ = flowrl_loss(logprobs, ref_logprobs, old_logprobs, stats["log_z"].clone(), reward_hat, mask,
                                   beta=2.0, length_normalize=length_normalize)
         constant.backward()
         assert torch.allclose(gradient, logprobs.grad, atol=1e-6)
