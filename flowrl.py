@@ -53,6 +53,16 @@ Where this file departs from the paper or from the official code (github.com/Xue
   divided by the sampling temperature, the log Z input is not detached (the loss also reaches the LM through
   Z's input), and pi_ref enters only through Eq. 6 (no separate KL loss). beta = 15 is the paper's value
   (it also ablates 5, 10, 30), hard-coded in the official code, a flag here.
+
+What the field changed since the paper, as flags, all off by default (the default is the paper's Eq. 6):
+- `--log-z group`: no head; each group's log Z is the value that zeroes the group's mean residual, detached
+  (GFlowRL, arXiv 2607.13394). Eq. 6 then becomes a sum of squared deviations from the group mean.
+- `--log-z none`: no head, log Z = 0: the residual of the author's later code (`compute_flowrl` in
+  github.com/Xuekai-Zhu/verl_FlowRL, recipe/flowrl/flowrl_objectives.py: "we removed log_z everywhere").
+- `--no-std-normalize`: r_hat = r - mean(r), without Eq. 5's division by the group's std (that repository's
+  later launch scripts, `norm_adv_by_std_in_grpo=False`).
+- `--skip-equal-groups`: groups whose rewards are all equal leave the loss (those scripts' `filter_groups` on
+  accuracy, DAPO's dynamic sampling, without drawing other prompts in their place; GFlowRL), GRPO's too.
 """
 import argparse
 import collections

@@ -20,6 +20,9 @@ import numpy as np
 SPLITS = ("held_out", "train")
 METRICS = ("validity", "distinct_correct", "entropy", "exact_entropy", "kl_to_step0", "exact_kl_to_step0",
            "ratio_spread")
+DIAGNOSTICS = ("reward_mean", "response_length_mean", "equal_reward_group_frac", "residual_group_mean_rms",
+               "residual_within_rms", "beta_reward_hat_rms", "log_z_mean", "log_z_target_mean", "grad_norm_policy",
+               "grad_norm_log_z")
 
 
 def setting_of(config: dict) -> str:
@@ -49,7 +52,9 @@ def read_run(folder: str) -> dict:
     evaluations = [{"step": row["step"], **{f"{split}_{name}": row.get(f"{split}_{name}")
                                            for split in SPLITS for name in METRICS}}
                    for row in rows if row["split"] == "eval"]
-    return {"setting": setting_of(config), "seed": config["seed"], "evaluations": evaluations}
+    training = [{"step": row["step"], **{name: row.get(name) for name in DIAGNOSTICS}}
+                for row in rows if row["split"] == "train"]
+    return {"setting": setting_of(config), "seed": config["seed"], "evaluations": evaluations, "training": training}
 
 
 def read(paths: list[str]) -> dict:
@@ -59,7 +64,9 @@ def read(paths: list[str]) -> dict:
             with open(path) as f:
                 runs.update(json.load(f))
         elif os.path.isfile(os.path.join(path, "metrics.jsonl")):
-            runs[os.path.basename(os.path.normpath(path))] = read_run(path)
+            run = read_run(path)
+            if run["evaluations"]:          # a run still at its first evaluation has nothing to show yet
+                runs[os.path.basename(os.path.normpath(path))] = run
     return runs
 
 
@@ -85,6 +92,28 @@ def summary(runs: dict) -> None:
                     zip(METRICS, columns.mean(0), columns.std(0, ddof=1))))
 
 
+def diagnostics(runs: dict, window: int = 10) -> None:
+    """The training records' loss diagnostics, averaged over windows of steps: is the loss matching its target
+    (residual within groups small against beta * r_hat) or still far from it (the two equal: a policy gradient)?"""
+    print(f"\ntraining diagnostics, means over {window} steps: reward / length / equal-reward groups / "
+          "residual within groups : beta r_hat (rms) / residual's group mean (rms) / log Z - its target / "
+          "grad norm policy (log Z head)")
+    for name, run in sorted(runs.items(), key=lambda item: (item[1]["setting"], item[1]["seed"])):
+        print(f"  {run['setting']} (seed {run['seed']})")
+        rows = run["training"]
+        for start in range(0, len(rows), window):
+            chunk = rows[start:start + window]
+
+            def mean(key):
+                values = [row[key] for row in chunk if row.get(key) is not None]
+                return float(np.mean(values)) if values else float("nan")
+            print(f"    steps {chunk[0]['step']:>3}-{chunk[-1]['step']:<3} {mean('reward_mean'):.2f} / "
+                  f"{mean('response_length_mean'):4.1f} / {mean('equal_reward_group_frac'):.2f} / "
+                  f"{mean('residual_within_rms'):5.2f} : {mean('beta_reward_hat_rms'):5.2f} / "
+                  f"{mean('residual_group_mean_rms'):5.2f} / {mean('log_z_mean') - mean('log_z_target_mean'):+6.2f} / "
+                  f"{mean('grad_norm_policy'):6.2f} ({mean('grad_norm_log_z'):.2f})")
+
+
 def draw(runs: dict, path: str, only: list[str]) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -93,36 +122,39 @@ def draw(runs: dict, path: str, only: list[str]) -> None:
                       key=lambda s: (not s.startswith("GRPO"), s))
     colours = dict(zip(settings, plt.cm.tab10.colors))
     styles = {0: "-", 1: "--", 2: ":"}
-    figure, axes = plt.subplots(2, 3, figsize=(16, 9.5))
+    figure, axes = plt.subplots(2, 4, figsize=(20, 9.5))
     for (name, run) in sorted(runs.items()):
         if run["setting"] not in colours:
             continue
         evaluations = [e for e in run["evaluations"] if e["held_out_validity"] is not None]
         style = dict(color=colours[run["setting"]], linestyle=styles.get(run["seed"], "-."), marker=".",
                      label=f"{run['setting']} (seed {run['seed']})")
+        steps = [e["step"] for e in evaluations]
         for row, split in enumerate(SPLITS):
             validity = [e[f"{split}_validity"] for e in evaluations]
-            axes[row, 0].plot(validity, [e[f"{split}_entropy"] for e in evaluations], **style)
-            axes[row, 1].plot(validity, [e[f"{split}_exact_entropy"] for e in evaluations], **style)
-            axes[row, 2].plot([e["step"] for e in evaluations], [e[f"{split}_ratio_spread"] for e in evaluations],
-                              **style)
-            for column in (0, 1):      # the end of each line: where the run stopped
-                axes[row, column].plot(validity[-1], evaluations[-1][f"{split}_{('entropy', 'exact_entropy')[column]}"],
-                                       marker="o", color=style["color"])
+            axes[row, 0].plot(steps, validity, **style)
+            for column, entropy in ((1, "entropy"), (2, "exact_entropy")):
+                values = [e[f"{split}_{entropy}"] for e in evaluations]
+                axes[row, column].plot(validity, values, **style)
+                axes[row, column].plot(validity[-1], values[-1], marker="o", markersize=7, color=style["color"])
+            axes[row, 3].plot(steps, [e[f"{split}_ratio_spread"] for e in evaluations], **style)
     for row, split in enumerate(SPLITS):
         label = split.replace("_", "-")
-        axes[row, 0].set(xlabel=f"{label} validity (64 samples per question)",
-                         ylabel="entropy of the correct answers, sampled (nats)", title=f"{label}: sampled entropy")
-        axes[row, 1].set(xlabel=f"{label} validity", ylabel="entropy over the correct bare answers, exact (nats)",
-                         title=f"{label}: exact entropy")
-        axes[row, 2].set(xlabel="step", ylabel="ratio spread: std of log pi_theta/pi_ref over correct answers",
-                         title=f"{label}: ratio spread (0 = pi_ref's preferences kept)")
+        axes[row, 0].set(xlabel="step", ylabel="validity (fraction of 64 samples correct)",
+                         title=f"{label}: validity")
+        axes[row, 1].set(xlabel=f"{label} validity", ylabel="entropy of the correct answers, sampled (nats)",
+                         title=f"{label}: sampled entropy against validity")
+        axes[row, 2].set(xlabel=f"{label} validity", ylabel="entropy over the correct bare answers, exact (nats)",
+                         title=f"{label}: exact entropy against validity")
+        axes[row, 3].set(xlabel="step", ylabel="std of log pi_theta/pi_ref over correct answers",
+                         title=f"{label}: ratio spread (0: pi_ref's preferences kept)")
         for axis in axes[row]:
             axis.grid(alpha=0.3)
     handles, labels = axes[0, 0].get_legend_handles_labels()
     figure.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)
-    figure.suptitle("--task pick, SmolLM2-135M-Instruct: learning (right along x) while keeping the spread "
-                    "(high in the first two columns, low in the third); a dot marks the last evaluation")
+    figure.suptitle("--task pick, SmolLM2-135M-Instruct: learning (up in the first column, right in the next two) "
+                    "while keeping the spread (up in the middle two, down in the last); a large dot marks the last "
+                    "evaluation")
     figure.tight_layout(rect=(0, 0.12, 1, 0.97))
     figure.savefig(path, dpi=110)
     print(f"wrote {path}")
@@ -134,6 +166,7 @@ def main() -> None:
     parser.add_argument("--save", help="keep the runs' curves in this .json (a few kB a run)")
     parser.add_argument("--figure", help="draw the figure into this image file")
     parser.add_argument("--only", nargs="*", default=[], help="settings to draw (all by default)")
+    parser.add_argument("--diagnostics", action="store_true", help="also print the training runs' loss diagnostics")
     args = parser.parse_args()
     runs = read(args.paths)
     if not runs:
@@ -142,6 +175,8 @@ def main() -> None:
         with open(args.save, "w") as f:
             json.dump(runs, f, indent=1)
     summary(runs)
+    if args.diagnostics:
+        diagnostics(runs)
     if args.figure:
         draw(runs, args.figure, args.only)
 
