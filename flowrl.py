@@ -995,7 +995,7 @@ def score(texts: list[str], problems: list[Problem], samples_per_prompt: int,
     return torch.tensor([reward_fn(text, problems[i // samples_per_prompt].answer) for i, text in enumerate(texts)])
 
 
-def policy_update(policy, log_z_head: Optional["LogZHead"], optimizer, rollouts: Rollouts, reward_hat: torch.Tensor,
+def policy_update(policy, log_z_head: Optional[LogZHead], optimizer, rollouts: Rollouts, reward_hat: torch.Tensor,
                   ref_logprobs: Optional[torch.Tensor], old_logprobs: Optional[torch.Tensor], cfg: Config,
                   precision: str = "fp32", world_size: int = 1,
                   trained_groups: Optional[torch.Tensor] = None) -> tuple[dict, dict, dict]:
