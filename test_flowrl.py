@@ -316,6 +316,9 @@ def test_loss_diagnostics_on_a_hand_made_batch():
     assert d["residual_within_sq"] == pytest.approx(2.0)
     assert d["beta_reward_hat_sq"] == pytest.approx(2 * (2 * 0.7) ** 2)
     assert d["log_z_target"] == pytest.approx((0.3 + 0.5) + (-1.0 - 2.0))   # log Z - the group's mean residual
+    # log-ratio = residual - log Z + beta r_hat: 1.6 and -3.2 (within: +-2.4) against beta r_hat +-1.4; 3 and 3
+    assert d["log_ratio_within_sq"] == pytest.approx(2 * 2.4 ** 2)
+    assert d["log_ratio_reward_cov"] == pytest.approx(2 * 2.4 * 1.4)
     assert set(flowrl.loss_diagnostics(rewards, torch.full((6,), float("nan")), log_z, reward_hat, 2.0, 2)) == \
         {"groups", "equal_reward_groups"}          # GRPO: no residual
 
@@ -651,8 +654,8 @@ def test_end_to_end_train_checkpoint_resume(tiny_model_dir, tmp_path, monkeypatc
     assert os.path.isfile(os.path.join(straight.output_dir, "checkpoint", "log_z_head.pt")) == head
     if algo == "flowrl":
         assert {"residual_mean", "residual_abs_mean", "log_z_mean", "weight_mean", "weight_clipped_frac",
-                "residual_group_mean_rms", "residual_within_rms", "beta_reward_hat_rms", "log_z_target_mean"} \
-            <= set(trained[-1])
+                "residual_group_mean_rms", "residual_within_rms", "beta_reward_hat_rms", "log_z_target_mean",
+                "log_ratio_within_rms", "log_ratio_slope"} <= set(trained[-1])
         if changes.get("log_z") == "group":    # the group's own log Z leaves no group mean in the residual
             assert trained[-1]["residual_group_mean_rms"] < 1e-5
         if changes.get("log_z") == "none":
@@ -667,6 +670,19 @@ def test_end_to_end_train_checkpoint_resume(tiny_model_dir, tmp_path, monkeypatc
     if algo == "flowrl" and not changes.get("skip_equal_groups"):
         assert all(r["importance_weight"] is not None and 0.8 - 1e-6 <= r["importance_weight"] <= 1.2 + 1e-6
                    for r in rollouts)
+        # the step's log-ratio diagnostics, recomputed from its logged completions (groups of 4, in order)
+        last = train_records[-1]
+        rows = [r for r in rollouts if r["step"] == last["step"]]
+        log_ratio = torch.tensor([r["residual"] - r["log_z"] + straight.beta * r["reward_hat"]
+                                  for r in rows]).view(-1, 4)
+        beta_reward_hat = straight.beta * torch.tensor([r["reward_hat"] for r in rows]).view(-1, 4)
+        within = log_ratio - log_ratio.mean(-1, keepdim=True)
+        assert last["log_ratio_within_rms"] == pytest.approx(within.pow(2).mean().sqrt().item(), rel=1e-4, abs=1e-6)
+        if beta_reward_hat.abs().sum() > 0:
+            slope = (within * beta_reward_hat).sum() / beta_reward_hat.pow(2).sum()
+            assert last["log_ratio_slope"] == pytest.approx(slope.item(), rel=1e-4, abs=1e-6)
+        else:
+            assert last["log_ratio_slope"] is None
 
     # 2 steps, then resume from the checkpoint through the CLI for the third: same weights as straight through
     interrupted = tiny_config(tiny_model_dir, tmp_path / "interrupted", algo=algo, steps=2, updates_per_batch=2,

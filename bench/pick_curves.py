@@ -6,7 +6,9 @@ while it learns, from the run folders' metrics.jsonl (an evaluation every --eval
     python bench/pick_curves.py ... --figure bench/pick_curves.png --only "GRPO" "FlowRL beta 1"
 
 Draws, for the held-out and the training questions: validity (x) against the entropy of the correct answers (y),
-sampled and exact, one line per setting and seed along training, and the ratio spread against steps. Prints, per
+sampled and exact, one line per setting and seed along training, and the ratio spread against steps; below them,
+the training diagnostics that explain the curves (FlowRL's log-ratio against its target, response length, groups
+whose rewards are all equal). Prints, per
 run and as mean +- sample std over seeds, the final evaluation. Needs matplotlib (`pip install matplotlib`), which
 flowrl.py does not.
 """
@@ -21,8 +23,32 @@ SPLITS = ("held_out", "train")
 METRICS = ("validity", "distinct_correct", "entropy", "exact_entropy", "kl_to_step0", "exact_kl_to_step0",
            "ratio_spread")
 DIAGNOSTICS = ("reward_mean", "response_length_mean", "equal_reward_group_frac", "residual_group_mean_rms",
-               "residual_within_rms", "beta_reward_hat_rms", "log_z_mean", "log_z_target_mean", "grad_norm_policy",
-               "grad_norm_log_z")
+               "residual_within_rms", "beta_reward_hat_rms", "log_ratio_within_rms", "log_ratio_slope", "log_z_mean",
+               "log_z_target_mean", "grad_norm_policy", "grad_norm_log_z")
+
+
+def log_ratio_diagnostics(folder: str, beta: float, group_size: int) -> dict:
+    """{step: (log_ratio_within_rms, log_ratio_slope)} from a run's rollouts.jsonl (--log-rollouts), for runs made
+    before flowrl.py logged them: Eq. 6's log-ratio term is residual - log Z + beta r_hat; within each group,
+    its rms and its regression slope on beta r_hat (0: not moved towards the target, 1: at it)."""
+    path = os.path.join(folder, "rollouts.jsonl")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    by_step = collections.defaultdict(list)
+    for row in rows:
+        if row.get("residual") is not None:
+            by_step[row["step"]].append((row["residual"] - row["log_z"] + beta * row["reward_hat"],
+                                         beta * row["reward_hat"]))
+    result = {}
+    for step, pairs in by_step.items():
+        log_ratio, beta_reward_hat = np.array(pairs).reshape(-1, group_size, 2).transpose(2, 0, 1)  # [groups, G]
+        within = log_ratio - log_ratio.mean(1, keepdims=True)
+        spread = (beta_reward_hat ** 2).sum()
+        result[step] = (float(np.sqrt((within ** 2).mean())),
+                        float((within * beta_reward_hat).sum() / spread) if spread else None)
+    return result
 
 
 def setting_of(config: dict) -> str:
@@ -54,7 +80,14 @@ def read_run(folder: str) -> dict:
                    for row in rows if row["split"] == "eval"]
     training = [{"step": row["step"], **{name: row.get(name) for name in DIAGNOSTICS}}
                 for row in rows if row["split"] == "train"]
-    return {"setting": setting_of(config), "seed": config["seed"], "evaluations": evaluations, "training": training}
+    if config["algo"] == "flowrl" and training and "log_ratio_slope" not in rows[-1]:
+        from_rollouts = log_ratio_diagnostics(folder, config["beta"], config["group_size"])
+        for row in training:
+            row["log_ratio_within_rms"], row["log_ratio_slope"] = from_rollouts.get(row["step"], (None, None))
+    seconds = sum(row.get("step_seconds", 0) + row.get("eval_seconds", 0) for row in rows)   # training and evaluation
+    histograms = [row["histogram"] for row in rows if row["split"] == "eval" and row.get("histogram")]
+    return {"setting": setting_of(config), "seed": config["seed"], "evaluations": evaluations, "training": training,
+            "seconds": seconds, "histograms": histograms[:1] + histograms[-1:]}
 
 
 def read(paths: list[str]) -> dict:
@@ -84,7 +117,7 @@ def summary(runs: dict) -> None:
                 values = [last[f"{split}_{name}"] for name in METRICS]
                 print(f"  {setting:<55} seed {run['seed']} step {last['step']:>3}: "
                       "{:.2f} / {:.2f} / {:.2f} ({:.2f}) / {:.2f} ({:.2f}) / {:.2f}".format(*values)
-                      + f"   floor {first[f'{split}_kl_to_step0']:.2f}")
+                      + f"   floor {first[f'{split}_kl_to_step0']:.2f}, {run.get('seconds', 0):.0f} s")
             if len(group) > 1:
                 columns = np.array([[run["evaluations"][-1][f"{split}_{name}"] for name in METRICS] for run in group])
                 print(f"  {setting:<55} mean +- std over {len(group)}: " + " | ".join(
@@ -92,12 +125,48 @@ def summary(runs: dict) -> None:
                     zip(METRICS, columns.mean(0), columns.std(0, ddof=1))))
 
 
+def markdown(runs: dict) -> None:
+    """The final evaluation of each run as a markdown table (the README's): held-out, then training questions."""
+    print("\n| setting | seed | held-out validity / distinct correct / entropy (exact) / KL to step 0 (exact) / ratio "
+          "spread | training questions, the same | s |\n|---|---|---|---|---|")
+    for name, run in sorted(runs.items(), key=lambda item: (not item[1]["setting"].startswith("GRPO"),
+                                                             item[1]["setting"], item[1]["seed"])):
+        last = run["evaluations"][-1]
+        cells = ["{:.2f} / {:.2f} / {:.2f} ({:.2f}) / {:.2f} ({:.2f}) / {:.2f}".format(
+            *[last[f"{split}_{metric}"] for metric in METRICS]) for split in SPLITS]
+        print(f"| {run['setting'].replace('|', chr(92) + '|')} | {run['seed']} | {cells[0]} | {cells[1]} | {run.get('seconds', 0):.0f} |")
+
+
+def histograms(runs: dict) -> None:
+    """One training question's 64 answers at step 0 and at the last evaluation of each run, with the exact
+    log-ratio to pi_ref of each correct bare answer in brackets."""
+    ordered = sorted((run for run in runs.values() if run.get("histograms")),
+                     key=lambda run: (not run["setting"].startswith("GRPO"), run["setting"], run["seed"]))
+    if not ordered:
+        return
+    first = ordered[0]["histograms"][0]
+    columns = [("step 0", first)] + [(f"{run['setting']} (seed {run['seed']})", run["histograms"][-1])
+                                     for run in ordered]
+    print(f'\n"{first["question"]}"   * = correct')
+    answers = sorted({a for _, h in columns for a in h["answers"]},
+                     key=lambda a: (a not in first["log_ratio"], -sum(h["answers"].get(a, 0) for _, h in columns)))
+    for label, _ in columns:
+        print(f"  {label}")
+    for answer in answers[:10]:
+        cells = []
+        for _, h in columns:
+            count = h["answers"].get(answer, 0)
+            ratio = h["log_ratio"].get(answer)
+            cells.append(f"{count}" + (f" ({ratio:+.1f})" if ratio is not None and h is not first else ""))
+        print(f"  {('*' if answer in first['log_ratio'] else ' ') + answer:<13}" + "".join(f"{c:>14}" for c in cells))
+
+
 def diagnostics(runs: dict, window: int = 10) -> None:
     """The training records' loss diagnostics, averaged over windows of steps: is the loss matching its target
     (residual within groups small against beta * r_hat) or still far from it (the two equal: a policy gradient)?"""
     print(f"\ntraining diagnostics, means over {window} steps: reward / length / equal-reward groups / "
-          "residual within groups : beta r_hat (rms) / residual's group mean (rms) / log Z - its target / "
-          "grad norm policy (log Z head)")
+          "residual within groups : beta r_hat (rms) / log-ratio within groups (rms), its slope on beta r_hat / "
+          "residual's group mean (rms) / log Z - its target / grad norm policy (log Z head)")
     for name, run in sorted(runs.items(), key=lambda item: (item[1]["setting"], item[1]["seed"])):
         print(f"  {run['setting']} (seed {run['seed']})")
         rows = run["training"]
@@ -110,8 +179,17 @@ def diagnostics(runs: dict, window: int = 10) -> None:
             print(f"    steps {chunk[0]['step']:>3}-{chunk[-1]['step']:<3} {mean('reward_mean'):.2f} / "
                   f"{mean('response_length_mean'):4.1f} / {mean('equal_reward_group_frac'):.2f} / "
                   f"{mean('residual_within_rms'):5.2f} : {mean('beta_reward_hat_rms'):5.2f} / "
+                  f"{mean('log_ratio_within_rms'):5.2f}, {mean('log_ratio_slope'):+5.2f} / "
                   f"{mean('residual_group_mean_rms'):5.2f} / {mean('log_z_mean') - mean('log_z_target_mean'):+6.2f} / "
                   f"{mean('grad_norm_policy'):6.2f} ({mean('grad_norm_log_z'):.2f})")
+
+
+def training_value(row: dict, key: str):
+    """A training record's value; "pull_ratio" is the rms log-ratio within groups over the rms of beta r_hat."""
+    if key == "pull_ratio":
+        within, reward = row.get("log_ratio_within_rms"), row.get("beta_reward_hat_rms")
+        return within / reward if within is not None and reward else None
+    return row.get(key)
 
 
 def draw(runs: dict, path: str, only: list[str]) -> None:
@@ -122,7 +200,7 @@ def draw(runs: dict, path: str, only: list[str]) -> None:
                       key=lambda s: (not s.startswith("GRPO"), s))
     colours = dict(zip(settings, plt.cm.tab10.colors))
     styles = {0: "-", 1: "--", 2: ":"}
-    figure, axes = plt.subplots(2, 4, figsize=(20, 9.5))
+    figure, axes = plt.subplots(3, 4, figsize=(20, 14))
     for (name, run) in sorted(runs.items()):
         if run["setting"] not in colours:
             continue
@@ -138,6 +216,14 @@ def draw(runs: dict, path: str, only: list[str]) -> None:
                 axes[row, column].plot(validity, values, **style)
                 axes[row, column].plot(validity[-1], values[-1], marker="o", markersize=7, color=style["color"])
             axes[row, 3].plot(steps, [e[f"{split}_ratio_spread"] for e in evaluations], **style)
+        training = run["training"]
+        for column, key in enumerate(("log_ratio_slope", "pull_ratio", "response_length_mean",
+                                      "equal_reward_group_frac")):
+            values = [training_value(row, key) for row in training]
+            window = [(row["step"], np.mean([v for v in values[max(0, i - 9):i + 1] if v is not None]))
+                      for i, row in enumerate(training) if any(v is not None for v in values[max(0, i - 9):i + 1])]
+            if window:
+                axes[2, column].plot(*zip(*window), **{**style, "marker": None})
     for row, split in enumerate(SPLITS):
         label = split.replace("_", "-")
         axes[row, 0].set(xlabel="step", ylabel="validity (fraction of 64 samples correct)",
@@ -148,14 +234,20 @@ def draw(runs: dict, path: str, only: list[str]) -> None:
                          title=f"{label}: exact entropy against validity")
         axes[row, 3].set(xlabel="step", ylabel="std of log pi_theta/pi_ref over correct answers",
                          title=f"{label}: ratio spread (0: pi_ref's preferences kept)")
-        for axis in axes[row]:
-            axis.grid(alpha=0.3)
+    axes[2, 0].set(xlabel="step", ylabel="slope of the log-ratio on beta r_hat within groups",
+                   title="FlowRL: how far the policy moved towards Eq. 6's target (1: at it)")
+    axes[2, 1].set(xlabel="step", ylabel="rms log-ratio within groups / rms beta r_hat", yscale="log", ylim=(0.05, 10),
+                   title="FlowRL: pull to pi_ref's ratios against the reward's pull")
+    axes[2, 2].set(xlabel="step", ylabel="tokens", title="training: mean response length (limit 12)")
+    axes[2, 3].set(xlabel="step", ylabel="fraction of groups", title="training: groups whose rewards are all equal")
+    for axis in axes.flat:
+        axis.grid(alpha=0.3)
     handles, labels = axes[0, 0].get_legend_handles_labels()
     figure.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)
     figure.suptitle("--task pick, SmolLM2-135M-Instruct: learning (up in the first column, right in the next two) "
-                    "while keeping the spread (up in the middle two, down in the last); a large dot marks the last "
-                    "evaluation")
-    figure.tight_layout(rect=(0, 0.12, 1, 0.97))
+                    "while keeping the spread (up in the middle two, down in the last);\na large dot marks the last "
+                    "evaluation. Bottom row: training diagnostics, means over the last 10 steps")
+    figure.tight_layout(rect=(0, 0.08, 1, 0.97))
     figure.savefig(path, dpi=110)
     print(f"wrote {path}")
 
@@ -167,6 +259,7 @@ def main() -> None:
     parser.add_argument("--figure", help="draw the figure into this image file")
     parser.add_argument("--only", nargs="*", default=[], help="settings to draw (all by default)")
     parser.add_argument("--diagnostics", action="store_true", help="also print the training runs' loss diagnostics")
+    parser.add_argument("--markdown", action="store_true", help="also print the final evaluations as a markdown table")
     args = parser.parse_args()
     runs = read(args.paths)
     if not runs:
@@ -175,6 +268,9 @@ def main() -> None:
         with open(args.save, "w") as f:
             json.dump(runs, f, indent=1)
     summary(runs)
+    if args.markdown:
+        markdown(runs)
+        histograms(runs)
     if args.diagnostics:
         diagnostics(runs)
     if args.figure:
