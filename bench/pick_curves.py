@@ -235,9 +235,9 @@ def draw(runs: dict, path: str, only: list[str]) -> None:
         axes[row, 3].set(xlabel="step", ylabel="std of log pi_theta/pi_ref over correct answers",
                          title=f"{label}: ratio spread (0: pi_ref's preferences kept)")
     axes[2, 0].set(xlabel="step", ylabel="slope of the log-ratio on beta r_hat within groups",
-                   title="FlowRL: how far the policy moved towards Eq. 6's target (1: at it)")
+                   title="FlowRL: progress to Eq. 6's target (1: at it)")
     axes[2, 1].set(xlabel="step", ylabel="rms log-ratio within groups / rms beta r_hat", yscale="log", ylim=(0.05, 10),
-                   title="FlowRL: pull to pi_ref's ratios against the reward's pull")
+                   title="FlowRL: pull to pi_ref / pull of the reward")
     axes[2, 2].set(xlabel="step", ylabel="tokens", title="training: mean response length (limit 12)")
     axes[2, 3].set(xlabel="step", ylabel="fraction of groups", title="training: groups whose rewards are all equal")
     for axis in axes.flat:
@@ -247,15 +247,15 @@ def draw(runs: dict, path: str, only: list[str]) -> None:
     figure.suptitle("--task pick, SmolLM2-135M-Instruct: learning (up in the first column, right in the next two) "
                     "while keeping the spread (up in the middle two, down in the last);\na large dot marks the last "
                     "evaluation. Bottom row: training diagnostics, means over the last 10 steps")
-    figure.tight_layout(rect=(0, 0.08, 1, 0.97))
-    figure.savefig(path, dpi=110)
+    figure.tight_layout(rect=(0, 0.05, 1, 0.97))
+    figure.savefig(path, dpi=90)
     print(f"wrote {path}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("paths", nargs="+", help="run folders (with metrics.jsonl and config.json) or kept .json")
-    parser.add_argument("--save", help="keep the runs' curves in this .json (a few kB a run)")
+    parser.add_argument("--save", help="keep the runs' curves in this .json (about 50 kB a run)")
     parser.add_argument("--figure", help="draw the figure into this image file")
     parser.add_argument("--only", nargs="*", default=[], help="settings to draw (all by default)")
     parser.add_argument("--diagnostics", action="store_true", help="also print the training runs' loss diagnostics")
