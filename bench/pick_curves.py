@@ -134,7 +134,8 @@ def markdown(runs: dict) -> None:
         last = run["evaluations"][-1]
         cells = ["{:.2f} / {:.2f} / {:.2f} ({:.2f}) / {:.2f} ({:.2f}) / {:.2f}".format(
             *[last[f"{split}_{metric}"] for metric in METRICS]) for split in SPLITS]
-        print(f"| {run['setting'].replace('|', chr(92) + '|')} | {run['seed']} | {cells[0]} | {cells[1]} | {run.get('seconds', 0):.0f} |")
+        setting = run["setting"].replace("|", "\\|")
+        print(f"| {setting} | {run['seed']} | {cells[0]} | {cells[1]} | {run.get('seconds', 0):.0f} |")
 
 
 def histograms(runs: dict) -> None:
