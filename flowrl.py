@@ -19,7 +19,8 @@ trajectory-balance loss (Eq. 2-6). What that loss matches, exactly:
   that is what the loss did: the log-ratio moved 0.01-0.13 of the way to its target, and FlowRL learned most and
   kept the least spread of correct answers, less than GRPO. Without 1/|y| (the paper's ablation) at beta 1 it
   kept pi_ref's distribution and did not learn; at beta 3 with lr 1e-4 it learned more slowly than GRPO, kept the
-  exact entropy of step 0, and let the correct answers it rarely samples drift. The README has the measurements.
+  exact entropy of step 0, and let the correct answers it rarely samples drift; without Eq. 5's std
+  (`--no-std-normalize`) it learned as much as with it and kept GRPO's spread. The README has the measurements.
 
     python flowrl.py                              # SmolLM2-135M-Instruct on 1-digit arithmetic, CPU, minutes
     python flowrl.py --task pick                  # a task with many correct answers: does the spread survive?
