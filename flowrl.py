@@ -1133,15 +1133,14 @@ def loss_diagnostics(rewards: torch.Tensor, residual: torch.Tensor, log_z: torch
     beta_reward_hat = beta * reward_hat.view(-1, group_size)[in_loss]
     group_mean = residual.mean(-1, keepdim=True)                                          # [groups in loss, 1]
     log_ratio = residual - log_z + beta_reward_hat               # as residual = log Z + log-ratio - beta r_hat
-    log_ratio_within = log_ratio - log_ratio.mean(-1, keepdim=True)
-    beta_reward_hat_within = beta_reward_hat - beta_reward_hat.mean(-1, keepdim=True)   # = beta r_hat (Eq. 5)
+    log_ratio_within = log_ratio - log_ratio.mean(-1, keepdim=True)    # r_hat already has group mean 0 (Eq. 5)
     diagnostics.update({
         "groups_in_loss": in_loss.sum().item(),
         "residual_group_mean_sq": group_mean.pow(2).sum().item(),
         "residual_within_sq": (residual - group_mean).pow(2).sum().item(),
         "beta_reward_hat_sq": beta_reward_hat.pow(2).sum().item(),
         "log_ratio_within_sq": log_ratio_within.pow(2).sum().item(),
-        "log_ratio_reward_cov": (log_ratio_within * beta_reward_hat_within).sum().item(),
+        "log_ratio_reward_cov": (log_ratio_within * beta_reward_hat).sum().item(),
         "log_z_target": (log_z.mean(-1) - group_mean.squeeze(-1)).sum().item(),
     })
     return diagnostics
