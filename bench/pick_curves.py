@@ -9,7 +9,8 @@ Draws, for the held-out and the training questions: validity (x) against the ent
 sampled and exact, one line per setting and seed along training, and the ratio spread against steps; below them,
 the training diagnostics that explain the curves (FlowRL's log-ratio against its target, response length, groups
 whose rewards are all equal). Prints, per
-run and as mean +- sample std over seeds, the final evaluation. Needs matplotlib (`pip install matplotlib`), which
+run and as mean +- sample std over seeds, the final evaluation (or, with --last N, the mean of the last N), and
+checks the study's target for each FlowRL setting against --baseline on the seeds both have. Needs matplotlib (`pip install matplotlib`), which
 flowrl.py does not.
 """
 import argparse
@@ -103,6 +104,20 @@ def read(paths: list[str]) -> dict:
     return runs
 
 
+def mean_of_last(runs: dict, last: int) -> dict:
+    """The runs with their final evaluation replaced by the mean of their last `last` evaluations (a steadier end
+    point: on this task one run's validity or ratio spread can move by 0.3 between two evaluations)."""
+    if last == 1:
+        return runs
+    averaged = {}
+    for name, run in runs.items():
+        tail = run["evaluations"][-last:]
+        mean = {key: float(np.mean([e[key] for e in tail])) if all(e[key] is not None for e in tail) else None
+                for key in tail[-1] if key != "step"}
+        averaged[name] = {**run, "evaluations": run["evaluations"][:-1] + [{"step": tail[-1]["step"], **mean}]}
+    return averaged
+
+
 def summary(runs: dict) -> None:
     """The final evaluation of each run, then mean +- sample std over the seeds of each setting."""
     by_setting = collections.defaultdict(list)
@@ -138,10 +153,60 @@ def markdown(runs: dict) -> None:
         print(f"| {setting} | {run['seed']} | {cells[0]} | {cells[1]} | {run.get('seconds', 0):.0f} |")
 
 
+def by_setting_finals(runs: dict) -> dict:
+    """{setting: {seed: final evaluation}} for the settings run on more than one seed."""
+    finals = collections.defaultdict(dict)
+    for run in runs.values():
+        finals[run["setting"]][run["seed"]] = run["evaluations"][-1]
+    return {setting: seeds for setting, seeds in finals.items() if len(seeds) > 1}
+
+
+def mean_std(finals: dict, key: str) -> tuple[float, float]:
+    values = np.array([final[key] for final in finals.values()], dtype=float)
+    return float(values.mean()), float(values.std(ddof=1))
+
+
+def seed_means(runs: dict, baseline: str) -> None:
+    """Mean +- sample std over seeds of the final evaluation, as a markdown table, and the study's target for every
+    FlowRL setting against the baseline, on the seeds both were run on: validity >= the baseline's mean - 1 std, entropy
+    >= 1.5x the baseline's (sampled and exact), ratio spread <= 0.5x the baseline's, on both splits."""
+    finals = by_setting_finals(runs)
+    if not finals:
+        return
+    print("\n| setting | seeds | held-out: validity / distinct correct / entropy (exact) / KL to step 0 (exact) / "
+          "ratio spread, mean ± std | training questions, the same |\n|---|---|---|---|")
+    for setting, seeds in sorted(finals.items(), key=lambda item: (not item[0].startswith("GRPO"), item[0])):
+        cells = [" / ".join("{:.2f} ± {:.2f}".format(*mean_std(seeds, f"{split}_{metric}")) for metric in METRICS)
+                 for split in SPLITS]
+        print(f"| {setting.replace('|', chr(92) + '|')} | {', '.join(map(str, sorted(seeds)))} | {cells[0]} | "
+              f"{cells[1]} |")
+    if baseline not in finals:
+        return
+    print(f"\ntarget against {baseline}, on the seeds both have: validity (>= mean - std) / entropy (>= 1.5x) / "
+          "exact entropy / ratio spread (<= 0.5x), each as the setting's mean against the baseline's")
+    for setting, seeds in sorted(finals.items()):
+        common = sorted(set(seeds) & set(finals[baseline]))
+        if setting.startswith("GRPO") or len(common) < 2:
+            continue
+        seeds, base = {seed: seeds[seed] for seed in common}, {seed: finals[baseline][seed] for seed in common}
+        met, cells = True, []
+        for split in SPLITS:
+            validity, (base_validity, base_std) = mean_std(seeds, f"{split}_validity")[0], mean_std(
+                base, f"{split}_validity")
+            ratios = {metric: mean_std(seeds, f"{split}_{metric}")[0] / mean_std(base, f"{split}_{metric}")[0]
+                      for metric in ("entropy", "exact_entropy", "ratio_spread")}
+            passed = (validity >= base_validity - base_std and ratios["entropy"] >= 1.5
+                      and ratios["exact_entropy"] >= 1.5 and ratios["ratio_spread"] <= 0.5)
+            met = met and passed
+            cells.append(f"{split} {validity:.2f} vs {base_validity - base_std:.2f} / {ratios['entropy']:.2f}x / "
+                         f"{ratios['exact_entropy']:.2f}x / {ratios['ratio_spread']:.2f}x")
+        print(f"  {setting:<55} seeds {common}: " + "; ".join(cells) + ("   met" if met else "   not met"))
+
+
 def histograms(runs: dict) -> None:
-    """One training question's 64 answers at step 0 and at the last evaluation of each run, with the exact
+    """One training question's 64 answers at step 0 and at the last evaluation of each seed-0 run, with the exact
     log-ratio to pi_ref of each correct bare answer in brackets."""
-    ordered = sorted((run for run in runs.values() if run.get("histograms")),
+    ordered = sorted((run for run in runs.values() if run.get("histograms") and run["seed"] == 0),
                      key=lambda run: (not run["setting"].startswith("GRPO"), run["setting"], run["seed"]))
     if not ordered:
         return
@@ -260,7 +325,12 @@ def main() -> None:
     parser.add_argument("--figure", help="draw the figure into this image file")
     parser.add_argument("--only", nargs="*", default=[], help="settings to draw (all by default)")
     parser.add_argument("--diagnostics", action="store_true", help="also print the training runs' loss diagnostics")
-    parser.add_argument("--markdown", action="store_true", help="also print the final evaluations as a markdown table")
+    parser.add_argument("--markdown", action="store_true", help="also print the final evaluations as markdown tables")
+    parser.add_argument("--last", type=int, default=1,
+                        help="print the mean of each run's last N evaluations instead of its final one (the figure "
+                             "is unchanged)")
+    parser.add_argument("--baseline", default="GRPO, lr 0.0001",
+                        help="the setting the target compares every other setting with (same seeds)")
     args = parser.parse_args()
     runs = read(args.paths)
     if not runs:
@@ -268,9 +338,13 @@ def main() -> None:
     if args.save:
         with open(args.save, "w") as f:
             json.dump(runs, f, indent=1)
-    summary(runs)
+    finals = mean_of_last(runs, args.last)
+    if args.last > 1:
+        print(f"final values below: means of each run's last {args.last} evaluations")
+    summary(finals)
     if args.markdown:
-        markdown(runs)
+        markdown(finals)
+        seed_means(finals, args.baseline)
         histograms(runs)
     if args.diagnostics:
         diagnostics(runs)
