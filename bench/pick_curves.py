@@ -8,10 +8,9 @@ while it learns, from the run folders' metrics.jsonl (an evaluation every --eval
 Draws, for the held-out and the training questions: validity (x) against the entropy of the correct answers (y),
 sampled and exact, one line per setting and seed along training, and the ratio spread against steps; below them,
 the training diagnostics that explain the curves (FlowRL's log-ratio against its target, response length, groups
-whose rewards are all equal). Prints, per
-run and as mean +- sample std over seeds, the final evaluation (or, with --last N, the mean of the last N), and
-checks the study's target for each FlowRL setting against --baseline on the seeds both have. Needs matplotlib (`pip install matplotlib`), which
-flowrl.py does not.
+whose rewards are all equal). Prints, per run and as mean +- sample std over seeds, the final evaluation (or,
+with --last N, the mean of the last N), and checks the study's target for each FlowRL setting against --baseline
+on the seeds both have. Needs matplotlib (`pip install matplotlib`), which flowrl.py does not.
 """
 import argparse
 import collections
@@ -134,10 +133,9 @@ def summary(runs: dict) -> None:
                       "{:.2f} / {:.2f} / {:.2f} ({:.2f}) / {:.2f} ({:.2f}) / {:.2f}".format(*values)
                       + f"   floor {first[f'{split}_kl_to_step0']:.2f}, {run.get('seconds', 0):.0f} s")
             if len(group) > 1:
-                columns = np.array([[run["evaluations"][-1][f"{split}_{name}"] for name in METRICS] for run in group])
+                finals = {run["seed"]: run["evaluations"][-1] for run in group}
                 print(f"  {setting:<55} mean +- std over {len(group)}: " + " | ".join(
-                    f"{name} {mean:.2f} +- {std:.2f}" for name, mean, std in
-                    zip(METRICS, columns.mean(0), columns.std(0, ddof=1))))
+                    "{} {:.2f} +- {:.2f}".format(name, *mean_std(finals, f"{split}_{name}")) for name in METRICS))
 
 
 def markdown(runs: dict) -> None:
@@ -168,8 +166,8 @@ def mean_std(finals: dict, key: str) -> tuple[float, float]:
 
 def seed_means(runs: dict, baseline: str) -> None:
     """Mean +- sample std over seeds of the final evaluation, as a markdown table, and the study's target for every
-    FlowRL setting against the baseline, on the seeds both were run on: validity >= the baseline's mean - 1 std, entropy
-    >= 1.5x the baseline's (sampled and exact), ratio spread <= 0.5x the baseline's, on both splits."""
+    FlowRL setting against the baseline, on the seeds both were run on: validity >= the baseline's mean - 1 std,
+    entropy >= 1.5x the baseline's (sampled and exact), ratio spread <= 0.5x the baseline's, on both splits."""
     finals = by_setting_finals(runs)
     if not finals:
         return
@@ -188,12 +186,12 @@ def seed_means(runs: dict, baseline: str) -> None:
         common = sorted(set(seeds) & set(finals[baseline]))
         if setting.startswith("GRPO") or len(common) < 2:
             continue
-        seeds, base = {seed: seeds[seed] for seed in common}, {seed: finals[baseline][seed] for seed in common}
+        ours, base = {seed: seeds[seed] for seed in common}, {seed: finals[baseline][seed] for seed in common}
         met, cells = True, []
         for split in SPLITS:
-            validity, (base_validity, base_std) = mean_std(seeds, f"{split}_validity")[0], mean_std(
-                base, f"{split}_validity")
-            ratios = {metric: mean_std(seeds, f"{split}_{metric}")[0] / mean_std(base, f"{split}_{metric}")[0]
+            validity = mean_std(ours, f"{split}_validity")[0]
+            base_validity, base_std = mean_std(base, f"{split}_validity")
+            ratios = {metric: mean_std(ours, f"{split}_{metric}")[0] / mean_std(base, f"{split}_{metric}")[0]
                       for metric in ("entropy", "exact_entropy", "ratio_spread")}
             passed = (validity >= base_validity - base_std and ratios["entropy"] >= 1.5
                       and ratios["exact_entropy"] >= 1.5 and ratios["ratio_spread"] <= 0.5)
