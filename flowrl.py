@@ -18,10 +18,11 @@ trajectory-balance loss (Eq. 2-6). What that loss matches, exactly:
   response, and far from it the loss acts as reward maximisation. On `--task pick` (SmolLM2, 80 steps, seed 0)
   that is what the loss did: the log-ratio moved 0.01-0.13 of the way to its target, and FlowRL learned most and
   kept the least spread of correct answers, less than GRPO. Without 1/|y| (the paper's ablation) at beta 1 it
-  kept pi_ref's distribution and did not learn; at beta 3 with lr 1e-4 it learned more slowly than GRPO, kept the
-  exact entropy of step 0, and let the correct answers it rarely samples drift; without Eq. 5's std
-  (`--no-std-normalize`, three seeds) it stayed a policy gradient and traded validity for spread as GRPO at lr
-  1e-4 did (two seeds), within the seed spread. The README has the measurements.
+  kept pi_ref's distribution and did not learn; at beta 3 with lr 1e-4 (and the group's log Z) it learned more
+  slowly than GRPO and kept step 0's exact entropy on one seed of three, and on another became deterministic
+  per question, where that loss is 0; without Eq. 5's std (`--no-std-normalize`) it stayed a policy gradient
+  and traded validity for spread as GRPO at lr 1e-4 did, within the seed spread (three seeds each). The README
+  has the measurements.
 
     python flowrl.py                              # SmolLM2-135M-Instruct on 1-digit arithmetic, CPU, minutes
     python flowrl.py --task pick                  # a task with many correct answers: does the spread survive?
