@@ -22,6 +22,8 @@ import numpy as np
 SPLITS = ("held_out", "train")
 METRICS = ("validity", "distinct_correct", "entropy", "exact_entropy", "kl_to_step0", "exact_kl_to_step0",
            "ratio_spread")
+# the METRICS as one table cell: validity / distinct correct / entropy (exact) / KL to step 0 (exact) / ratio spread
+CELL = "{} / {} / {} ({}) / {} ({}) / {}"
 DIAGNOSTICS = ("reward_mean", "response_length_mean", "equal_reward_group_frac", "residual_group_mean_rms",
                "residual_within_rms", "beta_reward_hat_rms", "log_ratio_within_rms", "log_ratio_slope", "log_z_mean",
                "log_z_target_mean", "grad_norm_policy", "grad_norm_log_z")
@@ -130,7 +132,7 @@ def summary(runs: dict) -> None:
                 first, last = run["evaluations"][0], run["evaluations"][-1]
                 values = [last[f"{split}_{name}"] for name in METRICS]
                 print(f"  {setting:<55} seed {run['seed']} step {last['step']:>3}: "
-                      "{:.2f} / {:.2f} / {:.2f} ({:.2f}) / {:.2f} ({:.2f}) / {:.2f}".format(*values)
+                      + CELL.format(*[f"{value:.2f}" for value in values])
                       + f"   floor {first[f'{split}_kl_to_step0']:.2f}, {run.get('seconds', 0):.0f} s")
             if len(group) > 1:
                 finals = {run["seed"]: run["evaluations"][-1] for run in group}
@@ -145,8 +147,7 @@ def markdown(runs: dict) -> None:
     for name, run in sorted(runs.items(), key=lambda item: (not item[1]["setting"].startswith("GRPO"),
                                                              item[1]["setting"], item[1]["seed"])):
         last = run["evaluations"][-1]
-        cells = ["{:.2f} / {:.2f} / {:.2f} ({:.2f}) / {:.2f} ({:.2f}) / {:.2f}".format(
-            *[last[f"{split}_{metric}"] for metric in METRICS]) for split in SPLITS]
+        cells = [CELL.format(*[f"{last[f'{split}_{metric}']:.2f}" for metric in METRICS]) for split in SPLITS]
         setting = run["setting"].replace("|", "\\|")
         print(f"| {setting} | {run['seed']} | {cells[0]} | {cells[1]} | {run.get('seconds', 0):.0f} |")
 
@@ -174,7 +175,7 @@ def seed_means(runs: dict, baseline: str) -> None:
     print("\n| setting | seeds | held-out: validity / distinct correct / entropy (exact) / KL to step 0 (exact) / "
           "ratio spread, mean ± std | training questions, the same |\n|---|---|---|---|")
     for setting, seeds in sorted(finals.items(), key=lambda item: (not item[0].startswith("GRPO"), item[0])):
-        cells = [" / ".join("{:.2f} ± {:.2f}".format(*mean_std(seeds, f"{split}_{metric}")) for metric in METRICS)
+        cells = [CELL.format(*["{:.2f} ± {:.2f}".format(*mean_std(seeds, f"{split}_{metric}")) for metric in METRICS])
                  for split in SPLITS]
         print(f"| {setting.replace('|', chr(92) + '|')} | {', '.join(map(str, sorted(seeds)))} | {cells[0]} | "
               f"{cells[1]} |")
@@ -213,7 +214,7 @@ def histograms(runs: dict) -> None:
                                      for run in ordered]
     print(f'\n"{first["question"]}"   * = correct')
     answers = sorted({a for _, h in columns for a in h["answers"]},
-                     key=lambda a: (a not in first["log_ratio"], -sum(h["answers"].get(a, 0) for _, h in columns)))
+                     key=lambda a: (a not in first["log_ratio"], -sum(h["answers"].get(a, 0) for _, h in columns), a))
     for label, _ in columns:
         print(f"  {label}")
     for answer in answers[:10]:
