@@ -21,8 +21,9 @@ trajectory-balance loss (Eq. 2-6). What that loss matches, exactly:
   kept pi_ref's distribution and did not learn; at beta 3 with lr 1e-4 (and the group's log Z) it learned more
   slowly than GRPO and kept step 0's exact entropy on one seed of three, and on another became deterministic
   per question, where that loss is 0; without Eq. 5's std (`--no-std-normalize`) it stayed a policy gradient
-  and traded validity for spread as GRPO at lr 1e-4 did, within the seed spread (three seeds each). The README
-  has the measurements.
+  and traded validity for spread as GRPO at lr 1e-4 did, within the seed spread (three seeds each); no log Z
+  (`--log-z none`) stayed one too, and leaving equal-reward groups out (`--skip-equal-groups`) stopped training
+  once each group's samples were all the same. The README has the measurements.
 
     python flowrl.py                              # SmolLM2-135M-Instruct on 1-digit arithmetic, CPU, minutes
     python flowrl.py --task pick                  # a task with many correct answers: does the spread survive?

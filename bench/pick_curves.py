@@ -241,12 +241,15 @@ def diagnostics(runs: dict, window: int = 10) -> None:
             def mean(key):
                 values = [row[key] for row in chunk if row.get(key) is not None]
                 return float(np.mean(values)) if values else float("nan")
+            policy_norm, head_norm = mean("grad_norm_policy"), mean("grad_norm_log_z")
+            norms = ("no update (every group's rewards equal, and left out)" if np.isnan(policy_norm) else
+                     f"{policy_norm:6.2f} ({'no head' if np.isnan(head_norm) else f'{head_norm:.2f}'})")
             print(f"    steps {chunk[0]['step']:>3}-{chunk[-1]['step']:<3} {mean('reward_mean'):.2f} / "
                   f"{mean('response_length_mean'):4.1f} / {mean('equal_reward_group_frac'):.2f} / "
                   f"{mean('residual_within_rms'):5.2f} : {mean('beta_reward_hat_rms'):5.2f} / "
                   f"{mean('log_ratio_within_rms'):5.2f}, {mean('log_ratio_slope'):+5.2f} / "
                   f"{mean('residual_group_mean_rms'):5.2f} / {mean('log_z_mean') - mean('log_z_target_mean'):+6.2f} / "
-                  f"{mean('grad_norm_policy'):6.2f} ({mean('grad_norm_log_z'):.2f})")
+                  f"{norms}")
 
 
 def training_value(row: dict, key: str):
@@ -263,7 +266,10 @@ def draw(runs: dict, path: str, only: list[str]) -> None:
     import matplotlib.pyplot as plt
     settings = sorted({run["setting"] for run in runs.values() if not only or run["setting"] in only},
                       key=lambda s: (not s.startswith("GRPO"), s))
-    colours = dict(zip(settings, plt.cm.tab10.colors))
+    palette = plt.cm.tab10.colors + plt.cm.Dark2.colors
+    if len(settings) > len(palette):
+        raise SystemExit(f"{len(settings)} settings, {len(palette)} colours: pass --only to choose some")
+    colours = dict(zip(settings, palette))
     styles = {0: "-", 1: "--", 2: ":"}
     figure, axes = plt.subplots(3, 4, figsize=(20, 14))
     for (name, run) in sorted(runs.items()):
