@@ -17,13 +17,14 @@ trajectory-balance loss (Eq. 2-6). What that loss matches, exactly:
   log-ratio between a correct and a wrong answer is about 2.8 beta nats PER TOKEN, tens of nats for a whole
   response, and far from it the loss acts as reward maximisation. On `--task pick` (SmolLM2, 80 steps, seed 0)
   that is what the loss did: the log-ratio moved 0.01-0.13 of the way to its target, and FlowRL learned most and
-  kept the least spread of correct answers, less than GRPO. Without 1/|y| (the paper's ablation) at beta 1 it
-  kept pi_ref's distribution and did not learn; at beta 3 with lr 1e-4 (and the group's log Z) it learned more
-  slowly than GRPO and kept step 0's exact entropy on one seed of three, and on another became deterministic
-  per question, where that loss is 0; without Eq. 5's std (`--no-std-normalize`) it stayed a policy gradient
-  and traded validity for spread as GRPO at lr 1e-4 did, within the seed spread (three seeds each); no log Z
-  (`--log-z none`) stayed one too, and leaving equal-reward groups out (`--skip-equal-groups`) stopped training
-  once each group's samples were all the same. The README has the measurements.
+  kept the least spread of correct answers, less than GRPO. Without 1/|y| (the paper's ablation) at beta 1 it kept
+  pi_ref's distribution and did not learn; at beta 3 it kept more spread than GRPO on three seeds and learned less,
+  staying near pi_ref (one seed left it after 50 steps and then lost spread as GRPO does); at beta 3 with lr 1e-4
+  (and the group's log Z) it learned more slowly than GRPO and kept step 0's exact entropy on one seed of three, and
+  on another became deterministic per question, where that loss is 0; without Eq. 5's std (`--no-std-normalize`) it
+  stayed a policy gradient and traded validity for spread as GRPO at lr 1e-4 did, within the seed spread (three
+  seeds each); no log Z (`--log-z none`) stayed one too, and leaving equal-reward groups out (`--skip-equal-groups`)
+  stopped training once each group's samples were all the same. The README has the measurements.
 
     python flowrl.py                              # SmolLM2-135M-Instruct on 1-digit arithmetic, CPU, minutes
     python flowrl.py --task pick                  # a task with many correct answers: does the spread survive?
