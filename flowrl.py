@@ -67,6 +67,8 @@ What the field changed since the paper, as flags, all off by default (the defaul
   github.com/Xuekai-Zhu/verl_FlowRL, recipe/flowrl/flowrl_objectives.py: "we removed log_z everywhere").
 - `--no-std-normalize`: r_hat = r - mean(r), without Eq. 5's division by the group's std (that repository's
   later launch scripts, `norm_adv_by_std_in_grpo=False`).
+- `--explore-temperature T`: training rollouts drawn from softmax(logits / T), every log-prob of the loss at
+  --temperature: off-policy trajectory balance (Hu et al. 2024, arXiv 2310.04363); FlowRL samples from pi_theta.
 - `--skip-equal-groups`: groups whose rewards are all equal leave the loss (those scripts' `filter_groups` on
   accuracy, DAPO's dynamic sampling, without drawing other prompts in their place; GFlowRL), GRPO's too.
 """
@@ -132,7 +134,12 @@ class Config:
     prompts_per_step: int = field(default=4, metadata={"help": "prompts per rollout batch (paper: 512)"})
     group_size: int = field(default=8, metadata={"help": "completions sampled per prompt, G (paper: 8)"})
     max_new_tokens: int = field(default=24, metadata={"help": "max response tokens (paper: 8192)"})
-    temperature: float = field(default=1.0, metadata={"help": "rollout sampling temperature (paper: 1.0)"})
+    temperature: float = field(default=1.0, metadata={"help": (
+        "temperature of pi_theta: rollouts are drawn and every log-prob of the loss is scored at it (paper: 1.0)")})
+    explore_temperature: Optional[float] = field(default=None, metadata={"help": (
+        "off-policy exploration: training rollouts drawn from softmax(logits / T) at this T, while every "
+        "log-prob the loss sees (pi_theta, pi_old, pi_ref) stays at --temperature (Hu et al. 2024; the paper "
+        "samples from pi_theta). GRPO takes it too, with no correction. Default: off")})
     # FlowRL / GRPO
     beta: float = field(default=15.0, metadata={"help": "reward scale beta in exp(beta r) (paper: 15)"})
     clip_eps: float = field(default=0.2, metadata={"help": "importance-weight / ratio clip eps (paper: 0.2)"})
@@ -191,13 +198,15 @@ class Config:
     eval_samples: int = field(default=4, metadata={"help": (
         "samples per held-out problem, n, for pass@k. pass@1 is their mean accuracy, the paper's Avg@n: "
         "--eval-samples 16 --eval-temperature 0.6 --eval-top-p 0.95 is its Avg@16")})
-    pass_k: int = field(default=4, metadata={"help": "k of pass@k (<= --eval-samples)"})
+    pass_k: int = field(default=4, metadata={"help": (
+        "pass@k is logged for k = 1, 2, 4, ... up to --eval-samples, and for this k too (<= --eval-samples)")})
     eval_temperature: float = field(default=0.6, metadata={"help": (
         "sampling temperature at eval (paper: 0.6); 0: greedy, so all --eval-samples samples are the greedy one")})
     eval_top_p: float = field(default=0.95, metadata={"help": "top-p at eval (paper: 0.95)"})
     dist_prompts: Optional[int] = field(default=None, metadata={"help": (
-        "answer-distribution metrics on this many held-out prompts and as many fixed training prompts. "
-        "Default: 8 for --task pick, 0 (off) for tasks with one correct answer, where entropy and KL are 0")})
+        "answer-distribution metrics sampled on this many held-out prompts and as many fixed training prompts "
+        "(on --task pick the exact ones cover every held-out prompt and as many training ones). Default: 16 for "
+        "--task pick, 0 (off) for tasks with one correct answer, where entropy and KL are 0")})
     dist_samples: int = field(default=32, metadata={"help": (
         "samples per prompt for the answer-distribution metrics, at --temperature and top-p 1 (the "
         "distribution training matches)")})
@@ -224,7 +233,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                 help=help_text)
         else:
-            kind = {int: int, float: float, Optional[int]: int}.get(f.type, str)
+            kind = {int: int, float: float, Optional[int]: int, Optional[float]: float}.get(f.type, str)
             parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text)
     return parser
 
@@ -233,7 +242,7 @@ def dist_prompt_count(cfg: Config) -> int:
     """--dist-prompts, or its default for the task."""
     if cfg.dist_prompts is not None:
         return cfg.dist_prompts
-    return 8 if cfg.task == "pick" and cfg.data is None else 0
+    return 16 if cfg.task == "pick" and cfg.data is None else 0
 
 
 class ConfigError(ValueError):
@@ -278,6 +287,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     check("group_size", cfg.group_size >= 2, "must be >= 2: rewards are normalised within each group (Eq. 5)")
     check("max_new_tokens", cfg.max_new_tokens >= 1, "must be >= 1")
     number("temperature", 0, low_open=True, why="log-probs are computed from logits / temperature")
+    if cfg.explore_temperature is not None:
+        number("explore_temperature", 0, low_open=True, why="rollouts are drawn from softmax(logits / T)")
     number("beta", 0, low_open=True, why="the scale of exp(beta r): 0 ignores the reward, < 0 rewards errors")
     number("clip_eps", 0, 1, low_open=True, high_open=True, why="the weight is clipped to [1 - eps, 1 + eps]")
     number("kl_coef", 0)
@@ -1150,6 +1161,36 @@ def loss_diagnostics(rewards: torch.Tensor, residual: torch.Tensor, log_z: torch
     return diagnostics
 
 
+def rollout_temperature(cfg: Config) -> float:
+    """The temperature training rollouts are drawn at: --explore-temperature when given (off-policy exploration:
+    trajectory balance has the same minimiser whichever full-support distribution its samples come from), else
+    --temperature, so that the rollouts come from pi_old itself, as in the paper."""
+    return cfg.temperature if cfg.explore_temperature is None else cfg.explore_temperature
+
+
+RARE_SHARE = 0.1   # a correct answer pi_ref rarely samples: under this share of its probability over the correct ones
+
+
+def rollout_coverage(reference, tokenizer, problems: list[Problem], texts: list[str], rewards: torch.Tensor,
+                     cfg: Config, precision: str) -> dict[str, float]:
+    """Which correct answers a step's rollouts reached (pick task), as sums over this process's groups:
+    `distinct_correct`, the distinct correct final answers of each group, and `rare_correct`, the rollouts whose
+    answer is correct and holds under RARE_SHARE of pi_ref's probability over the question's correct answers (each
+    bare answer scored exactly, as answer_logprobs does; not counted without a reference model). What exploration
+    should add, and what on-policy sampling rarely finds."""
+    G = cfg.group_size
+    shares = [None] * len(problems)
+    if reference is not None:
+        shares = [dict(zip(logprobs, torch.tensor(list(logprobs.values()), dtype=torch.float64).softmax(0).tolist()))
+                  for logprobs in answer_logprobs(reference, tokenizer, problems, cfg, precision)]
+    distinct = rare = 0
+    for g, share in enumerate(shares):
+        answers = [final_answer(text) for text, r in zip(texts[g * G:(g + 1) * G], rewards[g * G:(g + 1) * G]) if r == 1]
+        distinct += len(set(answers))
+        rare += sum(share[answer] < RARE_SHARE for answer in answers) if share is not None else 0
+    return {"distinct_correct": float(distinct), **({"rare_correct": float(rare)} if reference is not None else {})}
+
+
 def training_step(policy, reference, log_z_head, optimizer, tokenizer, problems: list[Problem], cfg: Config,
                   reward_fn: Callable[[str, str], float], precision: str = "fp32",
                   world_size: int = 1) -> tuple[dict, list[dict]]:
@@ -1159,11 +1200,12 @@ def training_step(policy, reference, log_z_head, optimizer, tokenizer, problems:
     device = next(policy.parameters()).device
     step_start = time.perf_counter()
 
-    # ---- 1. a group of G completions per prompt, sampled from pi_old = the current policy --------------------
+    # ---- 1. a group of G completions per prompt, sampled from pi_old = the current policy (--explore-temperature:
+    #         from it at another temperature; the log-probs below stay at --temperature) ------------------------
     prompts = [format_prompt(tokenizer, p.question) for p in problems]
     with autocast(policy, precision):
         rollouts = sample_completions(policy, tokenizer, prompts, cfg.group_size, cfg.max_new_tokens,
-                                      temperature=cfg.temperature)
+                                      temperature=rollout_temperature(cfg))
     generation_seconds = time.perf_counter() - step_start
 
     # ---- 2. reward r(x, y) (Section 3) and its group normalisation r_hat (Eq. 5) -------------------------------
@@ -1188,6 +1230,9 @@ def training_step(policy, reference, log_z_head, optimizer, tokenizer, problems:
     generated_tokens = int(rollouts.completion_mask.sum())
     diagnostics = loss_diagnostics(rewards.cpu(), per_sequence["residual"], per_sequence["log_z"], reward_hat.cpu(),
                                    cfg.beta, cfg.group_size)
+    if exact_measures(cfg):
+        diagnostics.update(rollout_coverage(reference, tokenizer, problems, rollouts.texts, rewards.cpu(), cfg,
+                                            precision))
     in_loss = len(trained_groups) * cfg.group_size if trained_groups is not None else len(rollouts.texts)
     totals = all_reduce_sum({
         **sums, **diagnostics, "sequences": len(rollouts.texts), "sequences_in_loss": in_loss,
@@ -1208,6 +1253,9 @@ def training_step(policy, reference, log_z_head, optimizer, tokenizer, problems:
         "response_length_mean": totals.pop("generated_tokens") / sequences,
         "truncated_frac": totals.pop("truncated") / sequences,
         "equal_reward_group_frac": ratio("equal_reward_groups", groups),
+        **({"distinct_correct_per_group": ratio("distinct_correct", groups),
+            "rare_correct_frac": ratio("rare_correct", sequences) if "rare_correct" in totals else None}
+           if exact_measures(cfg) else {}),
         "in_loss_frac": in_loss / sequences,
         **({"residual_group_mean_rms": ratio("residual_group_mean_sq", flowrl_groups, root=True),
             "residual_within_rms": ratio("residual_within_sq", flowrl_sequences, root=True),
@@ -1312,11 +1360,13 @@ def train(cfg: Config) -> dict:
         load_training_state(checkpoint, state, log_z_head, optimizer)
         data_rng.setstate(state["data_rng"])
         start_step, step0_reference = state["step"], state.get("step0_reference")
-    probes = {"held_out": held_out[:dist_prompt_count(cfg)],            # fixed: the first of the (seed-independent)
-              "train": train_problems[:dist_prompt_count(cfg)]}         # split, for the answer distributions
+    probes = probe_questions(cfg, train_problems, held_out)
+    if step0_reference is not None and not reference_fits(step0_reference, probes, cfg):
+        step0_reference = None
     if checkpoint and step0_reference is None and dist_prompt_count(cfg) and is_main:
-        print(f"note: {checkpoint} holds no step-0 answer distribution (an older checkpoint): KL to step 0 and the "
-              f"ratio spread will compare with the model at the first evaluation after step {start_step}")
+        print(f"note: {checkpoint} holds no step-0 answer distribution of these questions (an older checkpoint): "
+              f"KL to step 0 and the ratio spread will compare with the model at the first evaluation after step "
+              f"{start_step}")
 
     first_eval = last_eval = metrics_file = rollouts_file = None
     if is_main:   # only now, so that a model that fails to load leaves no empty folder
@@ -1413,6 +1463,15 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
+def pass_ks(n: int, extra: int) -> list[int]:
+    """The k of the pass@k curve from n samples: 1, 2, 4, ... up to n, n itself, and `extra` (--pass-k).
+
+    >>> pass_ks(16, 4), pass_ks(6, 3)
+    ([1, 2, 4, 8, 16], [1, 2, 3, 4, 6])
+    """
+    return sorted({2 ** i for i in range(n.bit_length()) if 2 ** i <= n} | {n, extra})
+
+
 def distinct_n(token_sequences: list, n: int = 2) -> float:
     """Distinct n-grams / all n-grams over a group of responses (1.0 when no n-gram repeats)."""
     ngrams = [tuple(seq[i:i + n]) for seq in token_sequences for i in range(len(seq) - n + 1)]
@@ -1476,7 +1535,8 @@ def accuracy_metrics(model, tokenizer, problems: list[Problem], cfg: Config, ste
     return {
         "greedy_accuracy": mean("greedy_correct"),
         "pass@1": float(np.mean([row["correct"] / n for row in rows])),
-        f"pass@{cfg.pass_k}": float(np.mean([pass_at_k(n, row["correct"], cfg.pass_k) for row in rows])),
+        **{f"pass@{k}": float(np.mean([pass_at_k(n, row["correct"], k) for row in rows]))
+           for k in pass_ks(n, cfg.pass_k)},
         "distinct_per_prompt": mean("distinct"),
         "distinct_correct_per_prompt": mean("distinct_correct"),
         "distinct_2": mean("distinct_2"),
@@ -1544,8 +1604,9 @@ def sample_answers(model, tokenizer, problems: list[Problem], indices: list[int]
 @torch.no_grad()
 def answer_logprobs(model, tokenizer, problems: list[Problem], cfg: Config, precision: str) -> list[dict]:
     """The exact log pi(y|x) (at the training temperature) of each correct answer of each pick problem, written as
-    the chat template frames a response: the bare number, then EOS. Scored, not sampled, in forward passes of
-    --micro-batch-size rows.
+    the chat template frames a response: the bare number, then EOS. Scored, not sampled: each question's answers
+    share one pass over its prompt (padded to the same count by repeating the last), --micro-batch-size questions
+    a forward pass.
 
     Eq. 6's fixed point gives responses of equal length and equal reward the same ratio pi_theta / pi_ref, so the
     spread of log pi_theta(y|x) - log pi_ref(y|x) over a prompt's correct answers is 0 when the policy keeps
@@ -1553,25 +1614,26 @@ def answer_logprobs(model, tokenizer, problems: list[Problem], cfg: Config, prec
     answer distribution covers all phrasings."""
     device = next(model.parameters()).device
     answers = [problem.answer.split(", ") for problem in problems]
+    width = max(map(len, answers))                                                            # rows per question
     prompts = tokenizer([format_prompt(tokenizer, problem.question) for problem in problems], return_tensors="pt",
                         padding=True, add_special_tokens=False).to(device)                     # [P, L]
     responses = [tokenizer(answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-                 for problem_answers in answers for answer in problem_answers]
+                 for problem_answers in answers for answer in problem_answers + problem_answers[-1:] * (width - len(
+                     problem_answers))]
     longest = max(map(len, responses))
     completion_ids = torch.tensor([ids + [tokenizer.pad_token_id] * (longest - len(ids)) for ids in responses],
-                                  device=device)                                             # [rows, T]
+                                  device=device)                                             # [P * width, T]
     completion_mask = (torch.arange(longest, device=device) < torch.tensor([len(ids) for ids in responses],
                                                                            device=device)[:, None]).long()
-    per_problem = torch.tensor([len(a) for a in answers], device=device)
     rollouts = Rollouts(
-        input_ids=torch.cat([prompts.input_ids.repeat_interleave(per_problem, dim=0), completion_ids], 1),
-        attention_mask=torch.cat([prompts.attention_mask.repeat_interleave(per_problem, dim=0), completion_mask], 1),
+        input_ids=torch.cat([prompts.input_ids.repeat_interleave(width, dim=0), completion_ids], 1),
+        attention_mask=torch.cat([prompts.attention_mask.repeat_interleave(width, dim=0), completion_mask], 1),
         prompt_length=prompts.input_ids.shape[1], completion_mask=completion_mask,
         truncated=torch.zeros(len(responses), dtype=torch.bool), texts=[""] * len(responses))
-    token_logprobs = batched_token_logprobs(model, rollouts, cfg.temperature, cfg.micro_batch_size, precision)
-    sequence = (token_logprobs * rollouts.completion_mask).sum(-1).tolist()                       # [rows]
-    offsets = list(itertools.accumulate(per_problem.tolist(), initial=0))
-    return [dict(zip(answers[p], sequence[offsets[p]:offsets[p + 1]])) for p in range(len(problems))]
+    token_logprobs = batched_token_logprobs(model, rollouts, cfg.temperature, cfg.micro_batch_size * width,
+                                            precision, group_size=width)
+    sequence = (token_logprobs * rollouts.completion_mask).sum(-1).view(len(problems), width).tolist()
+    return [dict(zip(problem_answers, row)) for problem_answers, row in zip(answers, sequence)]   # padding dropped
 
 
 def ratio_spread(logprobs: dict, ref_logprobs: dict) -> float:
@@ -1612,34 +1674,88 @@ def answer_kl(logprobs: dict, ref_logprobs: dict) -> float:
     return float((log_p.exp() * (log_p - log_q)).sum())
 
 
+def mean_and_ci95(values: list) -> tuple[Optional[float], Optional[float]]:
+    """The mean over questions and the half-width of its 95% confidence interval, 1.96 sample sd / sqrt(n) (the
+    normal approximation); None for no values, and no half-width for one.
+
+    >>> [round(v, 4) for v in mean_and_ci95([1.0, 2.0, 3.0])], mean_and_ci95([2.0]), mean_and_ci95([])
+    ([2.0, 1.1316], (2.0, None), (None, None))
+    """
+    if not values:
+        return None, None
+    mean = float(np.mean(values))
+    return mean, (1.96 * float(np.std(values, ddof=1)) / math.sqrt(len(values)) if len(values) > 1 else None)
+
+
+def with_intervals(per_question: dict[str, list], prefix: str) -> dict:
+    """{prefix_name: mean, prefix_name_ci95: half-width} for each list of per-question values."""
+    metrics = {}
+    for name, values in per_question.items():
+        metrics[f"{prefix}_{name}"], metrics[f"{prefix}_{name}_ci95"] = mean_and_ci95(values)
+    return metrics
+
+
 def distribution_metrics(counted: list[dict], reference: list[dict], prefix: str) -> dict:
-    """Means over prompts: validity, distinct correct answers, entropy of the correct-answer distribution, and
-    its smoothed KL to the step-0 model's (`reference`; prompts where either has no correct answer skipped)."""
+    """The sampled measures, means over questions with their 95% intervals: validity, distinct correct answers,
+    entropy of the correct-answer distribution, and its smoothed KL to the step-0 model's (`reference`; questions
+    where either has no correct answer skipped: `kl_prompts` counts the others)."""
     kls = [smoothed_kl(now["correct"], then["correct"]) for now, then in zip(counted, reference)]
     kls = [kl for kl in kls if kl is not None]
     n = sum(counted[0]["answers"].values())
-    return {
-        f"{prefix}_validity": float(np.mean([sum(c["correct"].values()) / n for c in counted])),
-        f"{prefix}_distinct_correct": float(np.mean([len(c["correct"]) for c in counted])),
-        f"{prefix}_entropy": float(np.mean([entropy(c["correct"]) for c in counted])),
-        f"{prefix}_kl_to_step0": float(np.mean(kls)) if kls else None,
-        f"{prefix}_kl_prompts": len(kls),
-    }
+    return {**with_intervals({"validity": [sum(c["correct"].values()) / n for c in counted],
+                              "distinct_correct": [len(c["correct"]) for c in counted],
+                              "entropy": [entropy(c["correct"]) for c in counted],
+                              "kl_to_step0": kls}, prefix),
+            f"{prefix}_kl_prompts": len(kls), f"{prefix}_sampled_questions": len(counted)}
+
+
+def exact_metrics(logprobs: list[dict], ref_logprobs: list[dict], prefix: str) -> dict:
+    """The exact measures (pick task), means over questions with their 95% intervals: the ratio spread, and the
+    entropy of the correct-answer distribution and its KL to pi_ref's, from scored log-probs."""
+    pairs = list(zip(logprobs, ref_logprobs))
+    return {**with_intervals({"ratio_spread": [ratio_spread(now, then) for now, then in pairs],
+                              "exact_entropy": [answer_entropy(now) for now in logprobs],
+                              "exact_kl_to_step0": [answer_kl(now, then) for now, then in pairs]}, prefix),
+            f"{prefix}_exact_questions": len(pairs)}
+
+
+def exact_measures(cfg: Config) -> bool:
+    """Whether the correct answers can be listed and scored exactly: the built-in pick task."""
+    return cfg.task == "pick" and cfg.data is None
+
+
+def probe_questions(cfg: Config, train_problems: list[Problem], held_out: list[Problem]) -> dict:
+    """The fixed questions of the answer-distribution measures, the first of the (seed-independent) split: on the
+    pick task every held-out question and as many training questions, of which the first --dist-prompts are also
+    sampled; elsewhere the --dist-prompts sampled ones. Empty with --dist-prompts 0."""
+    count = dist_prompt_count(cfg)
+    if count and exact_measures(cfg):
+        count = max(count, len(held_out))
+    return {"held_out": held_out[:count], "train": train_problems[:count]}
+
+
+def reference_fits(step0_reference: dict, probes: dict, cfg: Config) -> bool:
+    """Whether a saved step-0 reference covers these probe questions (an older checkpoint's covers fewer)."""
+    sampled = dist_prompt_count(cfg)
+    return all(len(step0_reference["answers"][name]) == len(problems[:sampled])
+               and (not exact_measures(cfg) or len(step0_reference["logprobs"][name] or []) == len(problems))
+               for name, problems in probes.items())
 
 
 def answer_distribution(model, tokenizer, probes: dict, cfg: Config, step: int, reward_fn, precision: str,
                         step0_reference: Optional[dict], rank: int = 0, world_size: int = 1,
                         progress=None) -> tuple[dict, dict]:
-    """On each list of probe prompts (held-out, train): the sampled answer-distribution metrics against the step-0
-    reference, and, on the pick task, the exact log-ratio spread. Every draw has its own seed, so no two share
-    random numbers whatever the lengths of earlier samples: the step-0 reference (run seed, 0, "reference/...",
-    prompt), this step's sample (run seed, step, "answers/...", prompt). At the first evaluation of a run (no
-    reference given) the reference is drawn too, and this step's sample, a second independent draw of the same
-    model, gives the noise floor of the KL at this sample size. Returns (the metrics, the step-0 reference)."""
-    exact = cfg.task == "pick" and cfg.data is None
+    """On each list of probe questions (held-out, train): the sampled answer-distribution measures on the first
+    --dist-prompts of them against the step-0 reference, and, on the pick task, the exact ones on all of them.
+    Every draw has its own seed, so no two share random numbers whatever the lengths of earlier samples: the step-0
+    reference (run seed, 0, "reference/...", question), this step's sample (run seed, step, "answers/...",
+    question). At the first evaluation of a run (no reference given) the reference is drawn too, and this step's
+    sample, a second independent draw of the same model, gives the noise floor of the KL at this sample size.
+    Returns (the metrics, the step-0 reference)."""
+    exact, sampled = exact_measures(cfg), dist_prompt_count(cfg)
 
     def answers_of(problems: list[Problem], seed_key: tuple) -> list[dict]:     # this process's share, gathered
-        indices = list(range(rank, len(problems), world_size))
+        indices = list(range(rank, min(len(problems), sampled), world_size))
         return gather_shards(sample_answers(model, tokenizer, problems, indices, cfg, seed_key, reward_fn, precision,
                                             progress), world_size)
 
@@ -1656,10 +1772,7 @@ def answer_distribution(model, tokenizer, probes: dict, cfg: Config, step: int, 
         metrics.update(distribution_metrics(counted, step0_reference["answers"][name], name))
         logprobs, ref_logprobs = logprobs_of(problems), step0_reference["logprobs"][name]
         if exact:
-            pairs = list(zip(logprobs, ref_logprobs))
-            metrics[f"{name}_ratio_spread"] = float(np.mean([ratio_spread(now, then) for now, then in pairs]))
-            metrics[f"{name}_exact_entropy"] = float(np.mean([answer_entropy(now) for now in logprobs]))
-            metrics[f"{name}_exact_kl_to_step0"] = float(np.mean([answer_kl(now, then) for now, then in pairs]))
+            metrics.update(exact_metrics(logprobs, ref_logprobs, name))
         if name == "train":
             histogram = {"question": problems[0].question, **counted[0]}
             if exact:
@@ -1679,8 +1792,8 @@ def evaluate(model, tokenizer, problems: list[Problem], probes: dict, cfg: Confi
         return -(-len(range(rank, count, world_size)) // problems_per_call(n, cfg))
     total = calls(len(problems), 1) + calls(len(problems), cfg.eval_samples)
     if any(probes.values()):    # the step-0 reference is a second draw of the answer distributions
-        total += (1 if step0_reference is not None else 2) * sum(calls(len(p), cfg.dist_samples)
-                                                                 for p in probes.values())
+        total += (1 if step0_reference is not None else 2) * sum(
+            calls(min(len(p), dist_prompt_count(cfg)), cfg.dist_samples) for p in probes.values())
     progress = tqdm(desc=f"evaluating step {step}", unit="batch", total=total, leave=False, disable=rank != 0)
     record = {"split": "eval", "step": step, "algo": cfg.algo}
     metrics, rows = accuracy_metrics(model, tokenizer, problems, cfg, step, reward_fn, precision, rank, world_size,
@@ -1733,7 +1846,8 @@ def print_summary(before: Optional[dict], after: Optional[dict]) -> None:
         return
     print(f"\n{'held-out':<34}" + "".join(f"{'step ' + str(record['step']):>12}" for record in evaluations))
     for key in evaluations[0]:
-        shown = key != "eval_seconds" and all(isinstance(record.get(key), float) for record in evaluations)
+        shown = key != "eval_seconds" and not key.endswith("_ci95") and \
+            all(isinstance(record.get(key), float) for record in evaluations)
         if shown:
             label = SUMMARY_LABELS.get(key, key.replace("_", " ").replace("kl to step0", "KL to step 0"))
             print(f"{label:<34}" + "".join(f"{record[key]:>12.3f}" for record in evaluations))

@@ -549,6 +549,24 @@ def test_pass_at_k_unbiased_estimator():
     assert pass_at_k(10, 6, 5) == 1.0
 
 
+def test_evaluation_keeps_the_pass_at_k_curve_up_to_the_number_of_samples(tiny_model_dir, tmp_path):
+    """pass@1, 2, 4, 8 from 8 samples, and --pass-k 3 besides: each the unbiased estimator's mean over problems,
+    rising with k."""
+    model, tokenizer = flowrl.load_model_and_tokenizer(tiny_model_dir)
+    cfg = tiny_config(tiny_model_dir, tmp_path, eval_samples=8, pass_k=3, max_new_tokens=3, eval_size=6)
+    held_out = flowrl.load_problems(cfg)[1]
+    metrics, rows = flowrl.accuracy_metrics(model, tokenizer, held_out, cfg, 0,
+                                            lambda completion, answer: float(len(completion) % 2))
+    assert any(0 < row["correct"] < 8 for row in rows)     # pass@k differs from pass@1 only for such problems
+    ks = sorted(int(key.split("@")[1]) for key in metrics if key.startswith("pass@"))
+    assert ks == [1, 2, 3, 4, 8]
+    for k in ks:
+        expected = np.mean([1 - math.comb(8 - row["correct"], k) / math.comb(8, k) for row in rows])
+        assert metrics[f"pass@{k}"] == pytest.approx(expected)
+    assert all(metrics[f"pass@{a}"] <= metrics[f"pass@{b}"] for a, b in zip(ks, ks[1:]))
+    assert metrics["pass@1"] == pytest.approx(np.mean([row["correct"] / 8 for row in rows]))
+
+
 def test_distinct_n():
     assert distinct_n([[1, 2, 3], [1, 2, 3]], 2) == pytest.approx(0.5)
     assert distinct_n([[1, 2, 3], [3, 2, 1]], 2) == pytest.approx(1.0)
@@ -632,7 +650,8 @@ def read_metrics(output_dir):
 
 @pytest.mark.parametrize("algo, changes", [
     ("flowrl", {}), ("grpo", {}), ("flowrl", {"log_z": "group", "micro_batch_size": 4}), ("flowrl", {"log_z": "none"}),
-    ("flowrl", {"std_normalize": False, "skip_equal_groups": True}), ("grpo", {"skip_equal_groups": True})])
+    ("flowrl", {"std_normalize": False, "skip_equal_groups": True}), ("grpo", {"skip_equal_groups": True}),
+    ("flowrl", {"explore_temperature": 3.0})])
 def test_end_to_end_train_checkpoint_resume(tiny_model_dir, tmp_path, monkeypatch, algo, changes):
     from transformers import AutoModelForCausalLM
     # a reward that a random model earns about half the time, so that groups are mixed and equal alike
@@ -802,13 +821,14 @@ BAD_FLAGS = [
     ("--eval-samples", "0"), ("--pass-k", "5"), ("--dist-prompts", "-1"), ("--dist-samples", "1"),
     ("--show-examples", "-1"), ("--save-every", "-1"), ("--timeout-minutes", "0"), ("--algo", "ppo"),
     ("--log-z", "learned"), ("--task", "sort"), ("--precision", "fp16"), ("--device", "tpu"),
-    ("--operations", "/"), ("--max-operand", "-1")]
+    ("--operations", "/"), ("--max-operand", "-1"), ("--explore-temperature", "0"),
+    ("--explore-temperature", "nan"), ("--explore-temperature", "-2")]
 GOOD_EDGES = [
     ("--clip-eps", "0.999"), ("--beta", "1e-3"), ("--lr", "0"), ("--log-z-lr", "0"), ("--weight-decay", "0"),
     ("--kl-coef", "0"), ("--steps", "0"), ("--eval-temperature", "0"), ("--eval-top-p", "1"), ("--group-size", "2"),
     ("--pass-k", "4"), ("--updates-per-batch", "4"), ("--warmup-steps", "0"), ("--eval-every", "0"),
     ("--save-every", "0"), ("--dist-prompts", "0"), ("--seed", "0"), ("--max-operand", "0"), ("--device", "cuda:1"),
-    ("--log-z", "none")]
+    ("--log-z", "none"), ("--explore-temperature", "2")]
 
 
 @pytest.fixture
@@ -954,6 +974,60 @@ def test_inverse_transform_draw_follows_the_softmax():
     uniforms = torch.rand(8, 1, dtype=torch.float64)
     assert torch.equal(flowrl.sample_from_scores(scores.expand(8, -1), uniforms),
                        flowrl.sample_from_scores(scores.expand(8, -1), uniforms))
+
+
+@pytest.mark.parametrize("algo", ["flowrl", "grpo"])
+def test_explored_rollouts_follow_the_explore_temperature_and_the_loss_scores_them_at_the_training_one(
+        monkeypatch, tiny_model_dir, tmp_path, algo):
+    """--explore-temperature 2 with --temperature 0.7: every token of a training step's rollouts is drawn from
+    softmax(logits / 2), and the log-probs the loss is given (pi_theta, pi_old, pi_ref) are the model's own at
+    0.7. lr 0 keeps the weights, so pi_theta, pi_old and pi_ref are all the model the rollouts came from."""
+    model, tokenizer = flowrl.load_model_and_tokenizer(tiny_model_dir)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(3.0)   # logits spread enough that the two temperatures give other log-probs
+    reference = flowrl.copy.deepcopy(model).eval().requires_grad_(False)
+    cfg = tiny_config(tiny_model_dir, tmp_path, algo=algo, temperature=0.7, explore_temperature=2.0, lr=0.0,
+                      log_z_lr=0.0, weight_decay=0.0, updates_per_batch=2, micro_batch_size=4, max_new_tokens=5)
+    head = LogZHead(model.config.hidden_size) if algo == "flowrl" else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0, weight_decay=0.0)
+    scores, sampled, loss_inputs = [], [], []
+    draw, sample, loss_function = flowrl.sample_from_scores, flowrl.sample_completions, getattr(flowrl, f"{algo}_loss")
+
+    def draw_and_keep_scores(step_scores, uniforms):
+        scores.append(step_scores.clone())
+        return draw(step_scores, uniforms)
+
+    def sample_and_keep(*args, **kwargs):
+        sampled.append(sample(*args, **kwargs))
+        return sampled[-1]
+
+    def loss_and_keep(logprobs, first, second, *args, **kwargs):
+        old, ref = (second, first) if algo == "flowrl" else (first, second)
+        mask = args[-1] if algo == "grpo" else args[2]
+        loss_inputs.append((logprobs.detach(), old, ref, mask.bool()))
+        return loss_function(logprobs, first, second, *args, **kwargs)
+    monkeypatch.setattr(flowrl, "sample_from_scores", draw_and_keep_scores)
+    monkeypatch.setattr(flowrl, "sample_completions", sample_and_keep)
+    monkeypatch.setattr(flowrl, f"{algo}_loss", loss_and_keep)
+    torch.manual_seed(0)
+    problems = flowrl.load_problems(cfg)[0][:2]
+    flowrl.training_step(model, reference, head, optimizer, tokenizer, problems, cfg, flowrl.math_reward)
+    monkeypatch.undo()
+    rollouts, prompt_length = sampled[0], sampled[0].prompt_length
+    mask = torch.cat([rollouts.attention_mask[:, :prompt_length],
+                      torch.ones(len(rollouts.texts), len(scores), dtype=torch.long)], 1)
+    with torch.no_grad():
+        logits = model(input_ids=rollouts.input_ids, attention_mask=mask,
+                       position_ids=flowrl.position_ids_from_mask(mask)).logits[:, prompt_length - 1:-1]
+    assert_sampled_from_softmax_over_temperature(torch.stack(scores, 1), logits, 2.0, 1.0)
+    at_training_temperature = torch.log_softmax(logits / 0.7, -1).gather(
+        -1, rollouts.completion_ids.unsqueeze(-1)).squeeze(-1)                               # [B, T]
+    groups = at_training_temperature.view(2, cfg.group_size, -1)
+    assert len(loss_inputs) == 2     # one mini-batch of one group each: match each to its group
+    for logprobs, old, ref, loss_mask in loss_inputs:
+        expected = next(g for g in groups if torch.allclose(logprobs[loss_mask], g[loss_mask], atol=1e-4))
+        assert torch.allclose(old[loss_mask], expected[loss_mask], atol=1e-4)
+        assert torch.allclose(ref[loss_mask], expected[loss_mask], atol=1e-4)
 
 
 @pytest.mark.parametrize("model_dir", ["tiny_model_dir", "tiny_qwen_dir"])
@@ -1423,6 +1497,64 @@ def test_answer_logprobs_and_ratio_spread_on_a_model_whose_ratios_are_set(tiny_m
         assert p[list(now).index("3")] > q[list(now).index("3")]
 
 
+def test_the_probe_questions_cover_every_held_out_question_exactly_and_the_first_ones_sampled(tiny_model_dir, tmp_path):
+    pick = tiny_config(tiny_model_dir, tmp_path, task="pick", eval_size=20, dist_prompts=6)
+    train, held_out = flowrl.load_problems(pick)
+    probes = flowrl.probe_questions(pick, train, held_out)
+    assert probes == {"held_out": held_out, "train": train[:20]}
+    arithmetic = tiny_config(tiny_model_dir, tmp_path, dist_prompts=3)
+    train, held_out = flowrl.load_problems(arithmetic)
+    assert flowrl.probe_questions(arithmetic, train, held_out) == {"held_out": held_out[:3], "train": train[:3]}
+    off = tiny_config(tiny_model_dir, tmp_path, task="pick", dist_prompts=0)
+    assert not any(flowrl.probe_questions(off, *flowrl.load_problems(off)).values())
+
+
+def test_each_measure_says_how_many_questions_it_covers_and_its_interval(tiny_model_dir, tmp_path):
+    """Sampled measures on the first --dist-prompts probe questions, exact ones on all: their counts, and each
+    mean's 95% interval, 1.96 sample sd / sqrt(n) over the questions' own values."""
+    model, tokenizer = flowrl.load_model_and_tokenizer(tiny_model_dir)
+    cfg = tiny_config(tiny_model_dir, tmp_path, task="pick", max_new_tokens=3, dist_prompts=2, dist_samples=4,
+                      eval_size=50)
+    probes = pick_probes(5)
+    _, reference = flowrl.evaluate(model, tokenizer, probes["held_out"][:2], probes, cfg, 0, flowrl.pick_reward)
+    with torch.no_grad():
+        model.lm_head.weight.add_(0.5 * torch.randn_like(model.lm_head.weight))
+    record, _ = flowrl.evaluate(model, tokenizer, probes["held_out"][:2], probes, cfg, 3, flowrl.pick_reward,
+                                step0_reference=reference)
+    for name in ("held_out", "train"):
+        assert record[f"{name}_sampled_questions"] == 2 and record[f"{name}_exact_questions"] == 5
+        entropies = [flowrl.answer_entropy(now) for now in flowrl.answer_logprobs(model, tokenizer, probes[name], cfg,
+                                                                                     "fp32")]
+        assert record[f"{name}_exact_entropy"] == pytest.approx(np.mean(entropies))
+        assert record[f"{name}_exact_entropy_ci95"] == pytest.approx(1.96 * np.std(entropies, ddof=1) / math.sqrt(5))
+        for measure in ("validity", "distinct_correct", "entropy", "ratio_spread", "exact_kl_to_step0"):
+            assert record[f"{name}_{measure}_ci95"] is not None and record[f"{name}_{measure}_ci95"] >= 0
+
+
+def test_rollout_coverage_counts_distinct_and_rarely_sampled_correct_answers(monkeypatch):
+    """pi_ref gives "7" 5% of its probability over the correct answers 1, 3, 7: two rollouts that say 7 are rare
+    and correct; "5" is wrong. Without a reference model only the distinct correct answers are counted."""
+    problems = [flowrl.Problem("q1", "1, 3, 7"), flowrl.Problem("q2", "2, 4")]
+    shares = [{"1": 0.5, "3": 0.45, "7": 0.05}, {"2": 0.5, "4": 0.5}]
+    monkeypatch.setattr(flowrl, "answer_logprobs", lambda *args: [{a: math.log(p) - 3.0 for a, p in share.items()}
+                                                                   for share in shares])
+    texts = ["7", "It is 7.", "1", "5", "2", "2", "2", "9"]
+    rewards = torch.tensor([flowrl.pick_reward(text, problems[i // 4].answer) for i, text in enumerate(texts)])
+    cfg = Config(task="pick", group_size=4)
+    assert flowrl.rollout_coverage(object(), None, problems, texts, rewards, cfg, "fp32") == {
+        "distinct_correct": 3.0, "rare_correct": 2.0}
+    assert flowrl.rollout_coverage(None, None, problems, texts, rewards, cfg, "fp32") == {"distinct_correct": 3.0}
+
+
+def test_a_pick_run_logs_what_its_rollouts_reached(tiny_model_dir, tmp_path):
+    cfg = tiny_config(tiny_model_dir, tmp_path / "pick", task="pick", steps=1, eval_size=3, dist_prompts=2,
+                      dist_samples=2, max_new_tokens=2, explore_temperature=1.5)
+    flowrl.train(cfg)
+    train_record, final = [r for r in read_metrics(cfg.output_dir) if r["step"] == 1]
+    assert 0 <= train_record["rare_correct_frac"] <= 1 and 0 <= train_record["distinct_correct_per_group"] <= 4
+    assert final["held_out_exact_questions"] == 3 and final["train_sampled_questions"] == 2
+
+
 def test_the_evaluation_progress_bar_knows_its_total(tiny_model_dir, tmp_path, monkeypatch):
     bars = []
 
@@ -1695,11 +1827,18 @@ def test_resuming_a_checkpoint_without_a_step0_reference_says_what_it_compares_w
     assert set(state["step0_reference"]["answers"]) == {"held_out", "train"}
     flowrl.main(["--resume", cfg.output_dir, "--steps", "2"])
     assert "holds no step-0 answer distribution" not in capsys.readouterr().out
-    del state["step0_reference"]                  # as a checkpoint written before the reference was saved
+    state = torch.load(state_path, weights_only=False)
+    for name in ("held_out", "train"):           # as a checkpoint whose exact measures covered the sampled ones only
+        state["step0_reference"]["logprobs"][name] = state["step0_reference"]["logprobs"][name][:2]
     torch.save(state, state_path)
     flowrl.main(["--resume", cfg.output_dir, "--steps", "3"])
-    assert "holds no step-0 answer distribution (an older checkpoint)" in capsys.readouterr().out
-    assert "held_out_kl_to_step0" in read_metrics(cfg.output_dir)[-1]
+    assert "holds no step-0 answer distribution of these questions" in capsys.readouterr().out
+    state = torch.load(state_path, weights_only=False)
+    del state["step0_reference"]                  # as a checkpoint written before the reference was saved
+    torch.save(state, state_path)
+    flowrl.main(["--resume", cfg.output_dir, "--steps", "4"])
+    assert "holds no step-0 answer distribution of these questions" in capsys.readouterr().out
+    assert read_metrics(cfg.output_dir)[-1]["held_out_exact_questions"] == 50
 
 
 def test_an_unreachable_hub_fails_at_once_with_one_clear_error(tmp_path):
