@@ -1,17 +1,21 @@
-"""The README's figure and tables for `--task pick`: how much of the spread of correct answers each setting keeps
-while it learns, from the run folders' metrics.jsonl (an evaluation every --eval-every steps).
+"""The figures and tables of the `--task pick` studies (bench/README.md): how much of the spread of correct answers
+each setting keeps while it learns, from the run folders' metrics.jsonl (an evaluation every --eval-every steps).
 
-    python bench/pick_curves.py runs/* --save bench/pick_curves.json    # read run folders, keep their curves
-    python bench/pick_curves.py bench/pick_curves.json                  # redraw from the kept curves
+    python bench/pick_curves.py runs/* --save bench/explore_curves.json   # read run folders, keep their curves
+    python bench/pick_curves.py bench/explore_curves.json --markdown      # tables from the kept curves
     python bench/pick_curves.py ... --figure bench/pick_curves.png --only "GRPO" "FlowRL beta 1"
+    python bench/pick_curves.py ... --bands bench/finalists.png --only "GRPO, lr 0.0001" ...   # seed mean and range
 
-Draws, for the held-out and the training questions: validity (x) against the entropy of the correct answers (y),
-sampled and exact, one line per setting and seed along training, and the ratio spread against steps; below them,
-the training diagnostics that explain the curves (FlowRL's log-ratio against its target, response length, groups
-whose rewards are all equal). Prints, per run and as mean +- sample std over seeds, the final evaluation (or,
-with --last N, the mean of the last N), and checks the study's target for each FlowRL setting against --baseline
-on the seeds both have. Needs matplotlib (`pip install matplotlib`), which flowrl.py does not.
+--figure draws one line per setting and seed: validity, validity against the entropy of the correct answers
+(sampled and exact) and the ratio spread, for held-out and training questions, and below them the training
+diagnostics that explain the curves. --bands draws the mean over seeds as a line and their range as a band, against
+steps: validity, exact entropy, ratio spread (held-out) and FlowRL's log-ratio slope. Prints, per run and as mean
++- sample std over seeds, the final evaluation (or, with --last N, the mean of the last N; with the run's 95%
+interval over questions where it was logged), pass@k at step 0 and the end, and the target checks: the 80-step
+study's against --baseline, and, with --explore-target, the exploration study's (a FlowRL setting against GRPO
+with and without its exploration, the stronger on each measure). Needs matplotlib only for the figures.
 """
+import re
 import argparse
 import collections
 import json
@@ -26,7 +30,8 @@ METRICS = ("validity", "distinct_correct", "entropy", "exact_entropy", "kl_to_st
 CELL = "{} / {} / {} ({}) / {} ({}) / {}"
 DIAGNOSTICS = ("reward_mean", "response_length_mean", "equal_reward_group_frac", "residual_group_mean_rms",
                "residual_within_rms", "beta_reward_hat_rms", "log_ratio_within_rms", "log_ratio_slope", "log_z_mean",
-               "log_z_target_mean", "grad_norm_policy", "grad_norm_log_z")
+               "log_z_target_mean", "grad_norm_policy", "grad_norm_log_z", "rare_correct_frac",
+               "distinct_correct_per_group", "truncated_frac", "step_seconds")
 
 
 def log_ratio_diagnostics(folder: str, beta: float, group_size: int) -> dict:
@@ -67,6 +72,8 @@ def setting_of(config: dict) -> str:
             parts.append(f"log Z {config['log_z']}")
     if config.get("skip_equal_groups"):
         parts.append("skip equal groups")
+    if config.get("explore_temperature") is not None:
+        parts.append(f"T {config['explore_temperature']:g}")
     if config["lr"] != 3e-5:
         parts.append(f"lr {config['lr']:g}")
     return ", ".join(parts)
@@ -78,7 +85,9 @@ def read_run(folder: str) -> dict:
     with open(os.path.join(folder, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     evaluations = [{"step": row["step"], **{f"{split}_{name}": row.get(f"{split}_{name}")
-                                           for split in SPLITS for name in METRICS}}
+                                           for split in SPLITS for name in METRICS},
+                    **{key: value for key, value in row.items() if key.startswith("pass@") or key.endswith(
+                        ("_ci95", "_questions")) or key in ("eval_seconds", "greedy_accuracy")}}
                    for row in rows if row["split"] == "eval"]
     training = [{"step": row["step"], **{name: row.get(name) for name in DIAGNOSTICS}}
                 for row in rows if row["split"] == "train"]
@@ -88,8 +97,21 @@ def read_run(folder: str) -> dict:
             row["log_ratio_within_rms"], row["log_ratio_slope"] = from_rollouts.get(row["step"], (None, None))
     seconds = sum(row.get("step_seconds", 0) + row.get("eval_seconds", 0) for row in rows)   # training and evaluation
     histograms = [row["histogram"] for row in rows if row["split"] == "eval" and row.get("histogram")]
-    return {"setting": setting_of(config), "seed": config["seed"], "evaluations": evaluations, "training": training,
-            "seconds": seconds, "histograms": histograms[:1] + histograms[-1:]}
+    run = {"setting": setting_of(config), "seed": config["seed"], "evaluations": evaluations, "training": training,
+           "seconds": seconds, "histograms": histograms[:1] + histograms[-1:]}
+    wall = wall_seconds(os.path.normpath(folder) + ".log")
+    return {**run, "wall_seconds": wall} if wall is not None else run
+
+
+def wall_seconds(log: str):
+    """The whole process's wall time from the `/usr/bin/time -v` report at the end of a run's log, if there is one
+    (the last, for a run resumed into the same log: then the sum of its processes)."""
+    if not os.path.isfile(log):
+        return None
+    with open(log, errors="replace") as f:
+        times = re.findall(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", f.read())
+    seconds = [sum(float(part) * 60 ** i for i, part in enumerate(reversed(t.split(":")))) for t in times]
+    return sum(seconds) if seconds else None
 
 
 def read(paths: list[str]) -> dict:
@@ -202,6 +224,79 @@ def seed_means(runs: dict, baseline: str) -> None:
         print(f"  {setting:<55} seeds {common}: " + "; ".join(cells) + ("   met" if met else "   not met"))
 
 
+INTERVAL_METRICS = ("validity", "exact_kl_to_step0", "ratio_spread", "exact_entropy")
+
+
+def with_interval(evaluation: dict, key: str) -> str:
+    value, interval = evaluation.get(key), evaluation.get(f"{key}_ci95")
+    if value is None:
+        return "-"
+    return f"{value:.2f}" + (f" ± {interval:.2f}" if interval is not None else "")
+
+
+def interval_table(runs: dict) -> None:
+    """Each run's final evaluation with its 95% interval over questions: validity / exact KL to step 0 / ratio
+    spread / exact entropy, held-out then training questions, and the run's wall time (the whole process)."""
+    print("\n| setting | seed | held-out: validity / exact KL to step 0 / ratio spread / exact entropy (± 95% over "
+          "questions) | training questions, the same | questions (sampled, exact) | wall time |\n|---|---|---|---|---|---|")
+    for name, run in sorted(runs.items(), key=lambda item: (not item[1]["setting"].startswith("GRPO"),
+                                                             item[1]["setting"], item[1]["seed"])):
+        last = run["evaluations"][-1]
+        cells = [" / ".join(with_interval(last, f"{split}_{metric}") for metric in INTERVAL_METRICS) for split in SPLITS]
+        counts = f"{last.get('held_out_sampled_questions', '-')}, {last.get('held_out_exact_questions', '-')}"
+        wall = run.get("wall_seconds")
+        print(f"| {run['setting'].replace('|', chr(92) + '|')} | {run['seed']} | {cells[0]} | {cells[1]} | {counts} | "
+              + (f"{wall / 60:.0f} min |" if wall else "- |"))
+
+
+def pass_at_k_table(runs: dict) -> None:
+    """Held-out pass@k at step 0 and at the last evaluation of each run (the unbiased estimator from n samples)."""
+    ks = sorted({int(key.split("@")[1]) for run in runs.values() for e in run["evaluations"] for key in e
+                 if key.startswith("pass@")})
+    if not ks:
+        return
+    print("\n| setting | seed | " + " | ".join(f"pass@{k}" for k in ks) + " |\n|---|---|" + "---|" * len(ks))
+    first = next(iter(runs.values()))["evaluations"][0]
+    print("| step 0 | | " + " | ".join(f"{first.get(f'pass@{k}', float('nan')):.2f}" for k in ks) + " |")
+    for name, run in sorted(runs.items(), key=lambda item: (not item[1]["setting"].startswith("GRPO"),
+                                                             item[1]["setting"], item[1]["seed"])):
+        last = run["evaluations"][-1]
+        print(f"| {run['setting'].replace('|', chr(92) + '|')} | {run['seed']} | "
+              + " | ".join(f"{last[f'pass@{k}']:.2f}" if last.get(f"pass@{k}") is not None else "-" for k in ks) + " |")
+
+
+def explore_target(runs: dict, grpo: str = "GRPO, lr 0.0001") -> None:
+    """The exploration study's target, for each FlowRL setting against GRPO at lr 1e-4 with and without the same
+    exploration (the stronger of the two on each measure), on the seeds all three share, held-out and training
+    questions: validity >= the stronger GRPO's mean - 1 sd, exact KL to step 0 and ratio spread each <= 0.5x the
+    stronger (lower) GRPO's mean."""
+    finals = by_setting_finals(runs)
+    for setting, seeds in sorted(finals.items()):
+        if setting.startswith("GRPO"):
+            continue
+        temperature = re.search(r", T ([\d.]+)", setting)
+        rivals = [grpo] + ([f"GRPO, T {temperature.group(1)}, lr 0.0001"] if temperature else [])
+        rivals = [r for r in rivals if r in finals]
+        common = sorted(set(seeds).intersection(*[finals[r] for r in rivals])) if rivals else []
+        if len(common) < 2:
+            continue
+        pick = lambda table: {seed: table[seed] for seed in common}
+        cells, met = [], True
+        for split in SPLITS:
+            validity = mean_std(pick(seeds), f"{split}_validity")[0]
+            strongest = max(rivals, key=lambda r: mean_std(pick(finals[r]), f"{split}_validity")[0])
+            bar = np.subtract(*mean_std(pick(finals[strongest]), f"{split}_validity"))
+            ratios = {m: mean_std(pick(seeds), f"{split}_{m}")[0] / min(mean_std(pick(finals[r]), f"{split}_{m}")[0]
+                                                                        for r in rivals)
+                      for m in ("exact_kl_to_step0", "ratio_spread")}
+            passed = validity >= bar and all(ratio <= 0.5 for ratio in ratios.values())
+            met = met and passed
+            cells.append(f"{split}: validity {validity:.2f} vs {bar:.2f}, exact KL {ratios['exact_kl_to_step0']:.2f}x, "
+                         f"ratio spread {ratios['ratio_spread']:.2f}x")
+        print(f"  {setting} against {' / '.join(rivals)}, seeds {common}: " + "; ".join(cells)
+              + ("   met" if met else "   not met"))
+
+
 def histograms(runs: dict) -> None:
     """One training question's 64 answers at step 0 and at the last evaluation of each seed-0 run, with the exact
     log-ratio to pi_ref of each correct bare answer in brackets."""
@@ -231,7 +326,8 @@ def diagnostics(runs: dict, window: int = 10) -> None:
     (residual within groups small against beta * r_hat) or still far from it (the two equal: a policy gradient)?"""
     print(f"\ntraining diagnostics, means over {window} steps: reward / length / equal-reward groups / "
           "residual within groups : beta r_hat (rms) / log-ratio within groups (rms), its slope on beta r_hat / "
-          "residual's group mean (rms) / log Z - its target / grad norm policy (log Z head)")
+          "residual's group mean (rms) / log Z - its target / grad norm policy (log Z head) / rare correct "
+          "rollouts, distinct correct per group")
     for name, run in sorted(runs.items(), key=lambda item: (item[1]["setting"], item[1]["seed"])):
         print(f"  {run['setting']} (seed {run['seed']})")
         rows = run["training"]
@@ -249,7 +345,7 @@ def diagnostics(runs: dict, window: int = 10) -> None:
                   f"{mean('residual_within_rms'):5.2f} : {mean('beta_reward_hat_rms'):5.2f} / "
                   f"{mean('log_ratio_within_rms'):5.2f}, {mean('log_ratio_slope'):+5.2f} / "
                   f"{mean('residual_group_mean_rms'):5.2f} / {mean('log_z_mean') - mean('log_z_target_mean'):+6.2f} / "
-                  f"{norms}")
+                  f"{norms} / {mean('rare_correct_frac'):.3f}, {mean('distinct_correct_per_group'):.2f}")
 
 
 def training_value(row: dict, key: str):
@@ -323,12 +419,70 @@ def draw(runs: dict, path: str, only: list[str]) -> None:
     print(f"wrote {path}")
 
 
+def seed_bands(runs: list[dict], values) -> tuple[list, list, list, list]:
+    """(steps, mean, low, high) over the runs of one setting, at the steps all of them have; values(run) gives a
+    run's {step: value}."""
+    series = [values(run) for run in runs]
+    steps = sorted(set.intersection(*[set(s) for s in series])) if series else []
+    table = np.array([[s[step] for step in steps] for s in series], dtype=float)
+    return steps, table.mean(0), table.min(0), table.max(0)
+
+
+def draw_bands(runs: dict, path: str, only: list[str], title: str) -> None:
+    """The chosen settings, each as the mean over its seeds (line) and their range (band), against steps:
+    held-out validity, exact entropy and ratio spread, and FlowRL's log-ratio slope on beta r_hat (10-step means)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    settings = only or sorted({run["setting"] for run in runs.values()})
+    figure, axes = plt.subplots(1, 4, figsize=(20, 4.8))
+
+    def evaluated(key):
+        return lambda run: {e["step"]: e[key] for e in run["evaluations"] if e.get(key) is not None}
+
+    def slope(run):
+        rows = run["training"]
+        window = {}
+        for i, row in enumerate(rows):
+            values = [r["log_ratio_slope"] for r in rows[max(0, i - 9):i + 1] if r.get("log_ratio_slope") is not None]
+            if (i + 1) % 10 == 0 and values:
+                window[row["step"]] = float(np.mean(values))
+        return window
+    panels = [(evaluated("held_out_validity"), "held-out validity (fraction of samples correct)"),
+              (evaluated("held_out_exact_entropy"), "held-out exact entropy over the correct answers (nats)"),
+              (evaluated("held_out_ratio_spread"), "held-out ratio spread (0: pi_ref's preferences kept)"),
+              (slope, "FlowRL: slope of the log-ratio on beta r_hat (1: at Eq. 6's target)")]
+    for colour, setting in zip(plt.cm.tab10.colors, settings):
+        group = [run for run in runs.values() if run["setting"] == setting]
+        seeds = sorted(run["seed"] for run in group)
+        for axis, (values, label) in zip(axes, panels):
+            steps, mean, low, high = seed_bands(group, values)
+            if not steps:
+                continue
+            axis.plot(steps, mean, color=colour, marker=".", label=f"{setting} (seeds {', '.join(map(str, seeds))})")
+            axis.fill_between(steps, low, high, color=colour, alpha=0.15)
+            axis.set(xlabel="step", title=label)
+    for axis in axes:
+        axis.grid(alpha=0.3)
+        axis.title.set_fontsize(10)
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=min(len(labels), 3), fontsize=9)
+    figure.suptitle(title)
+    figure.tight_layout(rect=(0, 0.12, 1, 0.94))
+    figure.savefig(path, dpi=90)
+    print(f"wrote {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("paths", nargs="+", help="run folders (with metrics.jsonl and config.json) or kept .json")
     parser.add_argument("--save", help="keep the runs' curves in this .json (about 50 kB a run)")
     parser.add_argument("--figure", help="draw the figure into this image file")
     parser.add_argument("--only", nargs="*", default=[], help="settings to draw (all by default)")
+    parser.add_argument("--bands", help="draw the --only settings' seed means and ranges into this image file")
+    parser.add_argument("--title", default="--task pick, SmolLM2-135M-Instruct: the mean over seeds (line) and "
+                        "their range (band)", help="the --bands figure's title")
+    parser.add_argument("--explore-target", action="store_true", help="also check the exploration study's target")
     parser.add_argument("--diagnostics", action="store_true", help="also print the training runs' loss diagnostics")
     parser.add_argument("--markdown", action="store_true", help="also print the final evaluations as markdown tables")
     parser.add_argument("--last", type=int, default=1,
@@ -349,12 +503,19 @@ def main() -> None:
     summary(finals)
     if args.markdown:
         markdown(finals)
+        interval_table(finals)
+        pass_at_k_table(runs)
         seed_means(finals, args.baseline)
         histograms(runs)
+    if args.explore_target:
+        print("\nexploration target (80 steps, seeds 0-2, held-out and training questions):")
+        explore_target(finals, args.baseline)
     if args.diagnostics:
         diagnostics(runs)
     if args.figure:
         draw(runs, args.figure, args.only)
+    if args.bands:
+        draw_bands(runs, args.bands, args.only, args.title)
 
 
 if __name__ == "__main__":
