@@ -1393,7 +1393,8 @@ def rollout_coverage(reference, tokenizer, problems: list[Problem], texts: list[
     ref_logprobs = answer_logprobs(reference, tokenizer, problems, cfg, runtime) if reference is not None else None
     for g in range(len(problems)):
         group = slice(g * G, (g + 1) * G)
-        answers = [final_answer(text) for text, r in zip(texts[group], rewards[group]) if r == 1]
+        correct = set(problems[g].answer.split(", "))     # pick_reward's correct answers; another reward may differ
+        answers = [a for a, r in zip(map(final_answer, texts[group]), rewards[group]) if r == 1 and a in correct]
         distinct += len(set(answers))
         if ref_logprobs is not None:
             share = dict(zip(ref_logprobs[g], torch.tensor(list(ref_logprobs[g].values()), dtype=torch.float64)
@@ -1928,6 +1929,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         check("micro_batch_size", cfg.micro_batch_size >= cfg.group_size,
               f"must hold a whole group (--group-size {cfg.group_size}) with --log-z group: the estimate needs "
               f"every log-ratio of the group")
+    check("eval_data", cfg.data is not None or cfg.eval_data is None, "needs --data (to evaluate one file: both)")
     check("eval_every", cfg.eval_every >= 0, "must be >= 0 (0: only at the start and the end)")
     if cfg.eval_samples >= 1:
         check("pass_k", 1 <= cfg.pass_k <= cfg.eval_samples,

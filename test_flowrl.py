@@ -739,6 +739,27 @@ def test_end_to_end_train_checkpoint_resume(tiny_model_dir, tmp_path, monkeypatc
     assert state["step"] == 3
 
 
+def test_how_often_a_run_evaluates_changes_neither_its_training_nor_its_evaluations(tiny_model_dir, tmp_path,
+                                                                                      monkeypatch):
+    """--eval-every 1 and 2 on the pick task with exploration: the same training records at every step and the
+    same evaluation records at steps 0, 2 and 4, so runs that evaluate at different intervals share their curves."""
+    monkeypatch.setattr(flowrl, "reward_function", lambda cfg: lambda completion, answer: float(len(completion) % 2))
+    timing = {"step_seconds", "generation_seconds", "train_seconds", "generation_tokens_per_s", "train_tokens_per_s",
+              "peak_memory_mb", "eval_seconds"}
+    runs = {}
+    for every in (1, 2):
+        cfg = tiny_config(tiny_model_dir, tmp_path / f"every{every}", steps=4, eval_every=every, task="pick",
+                          max_new_tokens=3, dist_prompts=2, dist_samples=4, eval_size=4, explore_temperature=2.0)
+        flowrl.train(cfg)
+        runs[every] = [{k: v for k, v in r.items() if k not in timing} for r in read_metrics(cfg.output_dir)]
+    train_every1, train_every2 = ([r for r in runs[every] if r["split"] == "train"] for every in (1, 2))
+    assert len(train_every1) == 4 and train_every1 == train_every2
+    evals = {every: {r["step"]: r for r in runs[every] if r["split"] == "eval"} for every in (1, 2)}
+    assert sorted(evals[1]) == [0, 1, 2, 3, 4] and sorted(evals[2]) == [0, 2, 4]
+    for step in (0, 2, 4):
+        assert evals[1][step] == evals[2][step], step
+
+
 def test_a_run_resumed_with_another_log_z(tiny_model_dir, tmp_path):
     """From a head to the group's own estimate: the head's optimiser state is left out and the run goes on. Back
     from a run without a head to one that needs it: one clear error, the checkpoint kept."""
@@ -841,7 +862,7 @@ BAD_FLAGS = [
     ("--show-examples", "-1"), ("--save-every", "-1"), ("--timeout-minutes", "0"), ("--algo", "ppo"),
     ("--log-z", "learned"), ("--task", "sort"), ("--precision", "fp16"), ("--device", "tpu"),
     ("--operations", "/"), ("--max-operand", "-1"), ("--explore-temperature", "0"),
-    ("--explore-temperature", "nan"), ("--explore-temperature", "-2")]
+    ("--explore-temperature", "nan"), ("--explore-temperature", "-2"), ("--eval-data", "test.jsonl")]
 GOOD_EDGES = [
     ("--clip-eps", "0.999"), ("--beta", "1e-3"), ("--lr", "0"), ("--log-z-lr", "0"), ("--weight-decay", "0"),
     ("--kl-coef", "0"), ("--steps", "0"), ("--eval-temperature", "0"), ("--eval-top-p", "1"), ("--group-size", "2"),

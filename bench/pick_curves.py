@@ -99,18 +99,23 @@ def read_run(folder: str) -> dict:
     histograms = [row["histogram"] for row in rows if row["split"] == "eval" and row.get("histogram")]
     run = {"setting": setting_of(config), "seed": config["seed"], "evaluations": evaluations, "training": training,
            "seconds": seconds, "histograms": histograms[:1] + histograms[-1:]}
-    wall = wall_seconds(os.path.normpath(folder) + ".log")
+    wall = wall_seconds(folder)
     return {**run, "wall_seconds": wall} if wall is not None else run
 
 
-def wall_seconds(log: str):
-    """The whole process's wall time from the `/usr/bin/time -v` report at the end of a run's log, if there is one
-    (the last, for a run resumed into the same log: then the sum of its processes)."""
-    if not os.path.isfile(log):
-        return None
-    with open(log, errors="replace") as f:
-        times = re.findall(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", f.read())
-    seconds = [sum(float(part) * 60 ** i for i, part in enumerate(reversed(t.split(":")))) for t in times]
+def wall_seconds(folder: str):
+    """The whole process's wall time, from the `/usr/bin/time -v` report at the end of the run's log (FOLDER.log) or
+    the `/usr/bin/time -f "%e s wall"` lines of FOLDER/time.txt, if either is there; for a run resumed into the
+    same file, the sum of its processes."""
+    found = []
+    log, short = os.path.normpath(folder) + ".log", os.path.join(folder, "time.txt")
+    if os.path.isfile(log):
+        with open(log, errors="replace") as f:
+            found = re.findall(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", f.read())
+    elif os.path.isfile(short):
+        with open(short, errors="replace") as f:
+            found = re.findall(r"^([\d.]+) s wall$", f.read(), re.M)
+    seconds = [sum(float(part) * 60 ** i for i, part in enumerate(reversed(t.split(":")))) for t in found]
     return sum(seconds) if seconds else None
 
 
@@ -419,6 +424,15 @@ def draw(runs: dict, path: str, only: list[str]) -> None:
     print(f"wrote {path}")
 
 
+def label(setting: str) -> str:
+    """A setting's name for a figure's legend, in words: "FlowRL beta 3, no 1/|y|, T 1.5" -> "FlowRL beta 3 without
+    Eq. 6's 1/|y|, rollouts at T 1.5"."""
+    words = setting.replace(", no 1/|y|", " without Eq. 6's 1/|y|").replace(", no std", " without Eq. 5's std")
+    words = re.sub(r", T ([\d.]+)", r", rollouts at T \1", words).replace("lr 0.0001", "lr 1e-4")
+    return words + (" (Eq. 6 as written)" if words.startswith("FlowRL beta") and "without" not in words
+                    and "log Z" not in words and "skip" not in words else "")
+
+
 def seed_bands(runs: list[dict], values) -> tuple[list, list, list, list]:
     """(steps, mean, low, high) over the runs of one setting, at the steps all of them have; values(run) gives a
     run's {step: value}."""
@@ -455,13 +469,14 @@ def draw_bands(runs: dict, path: str, only: list[str], title: str) -> None:
     for colour, setting in zip(plt.cm.tab10.colors, settings):
         group = [run for run in runs.values() if run["setting"] == setting]
         seeds = sorted(run["seed"] for run in group)
-        for axis, (values, label) in zip(axes, panels):
+        for axis, (values, heading) in zip(axes, panels):
             steps, mean, low, high = seed_bands(group, values)
             if not steps:
                 continue
-            axis.plot(steps, mean, color=colour, marker=".", label=f"{setting} (seeds {', '.join(map(str, seeds))})")
+            seed_list = ", ".join(map(str, seeds))
+            axis.plot(steps, mean, color=colour, marker=".", label=f"{label(setting)} (seed{'s' * (len(seeds) > 1)} {seed_list})")
             axis.fill_between(steps, low, high, color=colour, alpha=0.15)
-            axis.set(xlabel="step", title=label)
+            axis.set(xlabel="step", title=heading)
     for axis in axes:
         axis.grid(alpha=0.3)
         axis.title.set_fontsize(10)
