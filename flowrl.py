@@ -852,8 +852,7 @@ def training_step(policy, reference, log_z_head: Optional[LogZHead], optimizer, 
     diagnostics = loss_diagnostics(rewards.cpu(), per_sequence["residual"], per_sequence["log_z"], reward_hat.cpu(),
                                    cfg.beta, cfg.group_size)
     if exact_measures(cfg):
-        diagnostics.update(rollout_coverage(reference, tokenizer, problems, rollouts.texts, rewards.cpu(), cfg,
-                                            runtime))
+        diagnostics.update(rollout_coverage(reference, tokenizer, problems, rollouts.texts, cfg, runtime))
     in_loss = len(trained_groups) * cfg.group_size if trained_groups is not None else len(rollouts.texts)
     record = step_record(rollouts, rewards, in_loss, sums, updates, diagnostics, cfg, runtime,
                          seconds={"step": time.perf_counter() - step_start, "generation": generation_seconds,
@@ -1383,8 +1382,8 @@ def loss_diagnostics(rewards: torch.Tensor, residual: torch.Tensor, log_z: torch
 RARE_SHARE = 0.1   # a correct answer pi_ref rarely samples: under this share of its probability over the correct ones
 
 
-def rollout_coverage(reference, tokenizer, problems: list[Problem], texts: list[str], rewards: torch.Tensor,
-                     cfg: Config, runtime: Runtime) -> dict[str, float]:
+def rollout_coverage(reference, tokenizer, problems: list[Problem], texts: list[str], cfg: Config,
+                     runtime: Runtime) -> dict[str, float]:
     """Which correct answers a step's rollouts reached (pick task), summed over this process's groups: the distinct
     correct final answers of each group, and `rare_correct`, the rollouts whose answer is correct and holds under
     RARE_SHARE of pi_ref's probability over the question's correct answers (the bare answers scored exactly by
@@ -1393,8 +1392,8 @@ def rollout_coverage(reference, tokenizer, problems: list[Problem], texts: list[
     ref_logprobs = answer_logprobs(reference, tokenizer, problems, cfg, runtime) if reference is not None else None
     for g in range(len(problems)):
         group = slice(g * G, (g + 1) * G)
-        correct = set(problems[g].answer.split(", "))     # pick_reward's correct answers; another reward may differ
-        answers = [a for a, r in zip(map(final_answer, texts[group]), rewards[group]) if r == 1 and a in correct]
+        correct = set(problems[g].answer.split(", "))      # the answers pick_reward and answer_logprobs take
+        answers = [answer for answer in map(final_answer, texts[group]) if answer in correct]
         distinct += len(set(answers))
         if ref_logprobs is not None:
             share = dict(zip(ref_logprobs[g], torch.tensor(list(ref_logprobs[g].values()), dtype=torch.float64)

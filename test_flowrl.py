@@ -1582,11 +1582,10 @@ def test_rollout_coverage_counts_distinct_and_rarely_sampled_correct_answers(mon
     monkeypatch.setattr(flowrl, "answer_logprobs", lambda *args: [{a: math.log(p) - 3.0 for a, p in share.items()}
                                                                    for share in shares])
     texts = ["7", "It is 7.", "1", "5", "2", "2", "2", "9"]
-    rewards = torch.tensor([flowrl.pick_reward(text, problems[i // 4].answer) for i, text in enumerate(texts)])
     cfg = Config(task="pick", group_size=4)
-    assert flowrl.rollout_coverage(object(), None, problems, texts, rewards, cfg, LOCAL) == {
+    assert flowrl.rollout_coverage(object(), None, problems, texts, cfg, LOCAL) == {
         "distinct_correct": 3.0, "rare_correct": 2.0}
-    assert flowrl.rollout_coverage(None, None, problems, texts, rewards, cfg, LOCAL) == {"distinct_correct": 3.0}
+    assert flowrl.rollout_coverage(None, None, problems, texts, cfg, LOCAL) == {"distinct_correct": 3.0}
 
 
 def test_a_pick_run_logs_what_its_rollouts_reached(tiny_model_dir, tmp_path):

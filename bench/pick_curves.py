@@ -474,7 +474,8 @@ def draw_bands(runs: dict, path: str, only: list[str], title: str) -> None:
             if not steps:
                 continue
             seed_list = ", ".join(map(str, seeds))
-            axis.plot(steps, mean, color=colour, marker=".", label=f"{label(setting)} (seed{'s' * (len(seeds) > 1)} {seed_list})")
+            name = f"{label(setting)} (seed{'s' * (len(seeds) > 1)} {seed_list})"
+            axis.plot(steps, mean, color=colour, marker=".", label=name)
             axis.fill_between(steps, low, high, color=colour, alpha=0.15)
             axis.set(xlabel="step", title=heading)
     for axis in axes:
