@@ -28,6 +28,7 @@ dp_actor.py, `DataParallelPPOActor.compute_flowrl_objective`):
 - no warm-up by default (`--warmup-steps`; paper: 10); defaults sized for a 135M model on a CPU, not 7B or 32B.
 - bf16 autocast with fp32 weights (pi_ref held in bf16) where the hardware has bf16, fp32 elsewhere.
 - rollouts from this file's own decode loop, exactly softmax(logits / T): no vLLM, no generation config.
+- PyTorch's own ops: transformers' hub kernels off, so nothing is fetched and every model runs the same ops.
 As in the official code: r_hat with the unbiased std + 1e-6, token log-probs from logits / temperature, log Z
 not detached (the loss also reaches the LM through Z's input), pi_ref only through Eq. 6; beta 15, a flag here.
 
@@ -1623,7 +1624,9 @@ def load_model_and_tokenizer(name: str):
         try:
             with contextlib.redirect_stderr(io.StringIO()):   # the GGUF reader's de-quantising progress bar
                 tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-                model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
+                # use_kernels=False: PyTorch's own ops. transformers otherwise swaps in kernels fetched from the hub
+                # at .train() / .eval(), one set per mode, so that the sampler, pi_theta and pi_ref would differ.
+                model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, use_kernels=False, **kwargs)
         except (OSError, ValueError, ImportError) as error:
             tried.append(f"{os.path.join(source, gguf_file) if gguf_file else source}: "
                          f"{str(error).strip().splitlines()[0]}")

