@@ -50,6 +50,7 @@ import copy
 import ctypes
 import dataclasses
 import datetime
+import fcntl
 import importlib.util
 import io
 import itertools
@@ -882,9 +883,7 @@ class Run:
     --resume the checkpoint's state: its step and the step-0 answer distributions (answer_distribution)."""
 
     def __init__(self, cfg: Config, runtime: Runtime):
-        self.cfg, self.runtime = cfg, runtime
-        self.output_dir = cfg.output_dir or os.path.join("runs", f"{cfg.algo}-seed{cfg.seed}-"
-                                                                 f"{time.strftime('%Y%m%d-%H%M%S')}")
+        self.cfg, self.runtime, self.output_dir = cfg, runtime, cfg.output_dir
         if not cfg.resume and find_checkpoint(self.output_dir, required=False):
             raise ValueError(f"{self.output_dir} already holds a checkpoint: continue it with --resume "
                              f"{self.output_dir}, or pass another --output-dir")
@@ -907,7 +906,7 @@ class Run:
         self.data_rng, self.start_step, self.step0_reference = random.Random(cfg.seed), 0, None
         self.metrics_file = self.rollouts_file = None
         if self.checkpoint:
-            state = torch.load(os.path.join(self.checkpoint, "trainer_state.pt"), weights_only=False)
+            state = read_trainer_state(self.checkpoint)
             load_training_state(self.checkpoint, state, self.log_z_head, self.optimizer)
             self.data_rng.setstate(state["data_rng"])
             self.start_step, self.step0_reference = state["step"], state.get("step0_reference")
@@ -931,50 +930,55 @@ def train(cfg: Config) -> dict:
     """Run FlowRL (or GRPO) as configured, or with --steps 0 only evaluate: the first and last evaluations."""
     validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     runtime = start_runtime(cfg.device, cfg.precision, cfg.timeout_minutes)
-    run = Run(cfg, runtime)
-    first_eval = last_eval = None
-    if runtime.is_main:   # only now, so that a model that fails to load leaves no empty folder
-        first_eval, last_eval = open_logs(run)
-    if not run.checkpoint:
-        first_eval = last_eval = evaluate_and_log(run, 0, cfg.show_examples)
-    progress = tqdm(range(run.start_step, cfg.steps), initial=run.start_step, total=cfg.steps, desc=cfg.algo,
-                    disable=not runtime.is_main)
-    with StopOnSignal() as stop:
-        for step in progress:
-            set_hyperparameters(run.optimizer, cfg, step)
-            # This step's rollouts, log Z dropout and mini-batch order: a resumed run replays them exactly.
-            torch.manual_seed(derived_seed(cfg.seed, step, "step", runtime.rank))
-            problems = run.data_rng.sample(run.train_problems, cfg.prompts_per_step)   # the same on every process
-            share = len(problems) // runtime.world_size
-            record, rows = training_step(run.policy, run.reference, run.log_z_head, run.optimizer, run.tokenizer,
-                                         problems[runtime.rank * share:(runtime.rank + 1) * share], cfg,
-                                         run.reward_fn, runtime)
-            if cfg.log_rollouts:
-                rows = [row for shard in runtime.gather([rows]) for row in shard]      # process 0's, then 1's, ...
-            if runtime.is_main:
-                log_lines(run.metrics_file, [{"split": "train", "step": step + 1, "algo": cfg.algo, **record,
-                                              "lr": run.optimizer.param_groups[0]["lr"]}])
-                log_lines(run.rollouts_file, [{"step": step + 1, **row} for row in rows])
-            progress.set_postfix(reward=f"{record['reward_mean']:.2f}", loss=f"{record['loss'] or 0.0:.3g}",
-                                 log_z=f"{record.get('log_z_mean') or 0.0:.2f}")
-            done = step + 1 == cfg.steps
-            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and not done:
-                evaluate_and_log(run, step + 1, 0)
-            stopping = stop.requested(runtime)
-            if runtime.is_main and (done or stopping or (cfg.save_every and (step + 1) % cfg.save_every == 0)):
-                tqdm.write(f"step {step + 1}: checkpoint saved to {save_checkpoint(run, step + 1)}")
-            if stopping:
-                stop.exit(run, step + 1)
-    progress.close()
-    if run.start_step < cfg.steps:
-        last_eval = evaluate_and_log(run, cfg.steps, cfg.show_examples)
-    if runtime.is_main:
-        close_logs(run)
-        print_summary(first_eval, last_eval)
-    if runtime.world_size > 1:
-        dist.barrier()
-        dist.destroy_process_group()
-    return {"first_eval": first_eval, "last_eval": last_eval, "output_dir": run.output_dir}
+    if cfg.output_dir is None:
+        cfg = dataclasses.replace(cfg, output_dir=os.path.join(
+            "runs", f"{cfg.algo}-seed{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"))
+    with run_folder_lock(cfg.output_dir, runtime):
+        run = Run(cfg, runtime)
+        first_eval = last_eval = None
+        if runtime.is_main:   # only now, so that a model that fails to load leaves no empty folder
+            first_eval, last_eval = open_logs(run)
+        if not run.checkpoint:
+            first_eval = last_eval = evaluate_and_log(run, 0, cfg.show_examples)
+        progress = tqdm(range(run.start_step, cfg.steps), initial=run.start_step, total=cfg.steps,
+                        desc=cfg.algo, disable=not runtime.is_main)
+        with StopOnSignal() as stop:
+            for step in progress:
+                set_hyperparameters(run.optimizer, cfg, step)
+                # This step's rollouts, log Z dropout and mini-batch order: a resumed run replays them exactly.
+                torch.manual_seed(derived_seed(cfg.seed, step, "step", runtime.rank))
+                # the same prompts on every process, each takes its share
+                problems = run.data_rng.sample(run.train_problems, cfg.prompts_per_step)
+                share = len(problems) // runtime.world_size
+                record, rows = training_step(run.policy, run.reference, run.log_z_head, run.optimizer,
+                                             run.tokenizer, problems[runtime.rank * share:(runtime.rank + 1) * share],
+                                             cfg, run.reward_fn, runtime)
+                if cfg.log_rollouts:
+                    rows = [row for shard in runtime.gather([rows]) for row in shard]     # process 0's, 1's, ...
+                if runtime.is_main:
+                    log_lines(run.metrics_file, [{"split": "train", "step": step + 1, "algo": cfg.algo, **record,
+                                                  "lr": run.optimizer.param_groups[0]["lr"]}])
+                    log_lines(run.rollouts_file, [{"step": step + 1, **row} for row in rows])
+                progress.set_postfix(reward=f"{record['reward_mean']:.2f}", loss=f"{record['loss'] or 0.0:.3g}",
+                                     log_z=f"{record.get('log_z_mean') or 0.0:.2f}")
+                done = step + 1 == cfg.steps
+                if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and not done:
+                    evaluate_and_log(run, step + 1, 0)
+                stopping = stop.requested(runtime)
+                if runtime.is_main and (done or stopping or cfg.save_every and (step + 1) % cfg.save_every == 0):
+                    tqdm.write(f"step {step + 1}: checkpoint saved to {save_checkpoint(run, step + 1)}")
+                if stopping:
+                    stop.exit(run, step + 1)
+        progress.close()
+        if run.start_step < cfg.steps:
+            last_eval = evaluate_and_log(run, cfg.steps, cfg.show_examples)
+        if runtime.is_main:
+            close_logs(run)
+            print_summary(first_eval, last_eval)
+        if runtime.world_size > 1:
+            dist.barrier()
+            dist.destroy_process_group()
+        return {"first_eval": first_eval, "last_eval": last_eval, "output_dir": run.output_dir}
 
 
 # ==================================================================================================================
@@ -1618,6 +1622,8 @@ def load_model_and_tokenizer(name: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tried = []
     for source, gguf_file in model_sources(name):
+        if os.path.isdir(source) and not gguf_file:
+            check_folder_files(source)            # a damaged file: one line naming it, not transformers' traceback
         kwargs = {"gguf_file": gguf_file} if gguf_file else {}
         if not os.path.isdir(source) and not hub_reachable():
             kwargs["local_files_only"] = True    # the local cache only, at once (the hub client retries for a minute)
@@ -1684,10 +1690,87 @@ def find_checkpoint(path: str, required: bool = True) -> Optional[str]:
                      f"{os.path.join(path, 'checkpoint')})")
 
 
+def check_folder_files(folder: str) -> None:
+    """Every file of a checkpoint or model folder that a load reads, read once before anything uses it, cheaply
+    (headers, and .pt files memory-mapped): a file cut short (a copy stopped part-way, a crash of the machine),
+    empty or not what its name says is one CheckpointError naming it, instead of a traceback from deep inside."""
+    from safetensors import safe_open
+
+    def read_json(path):
+        with open(path) as f:
+            json.load(f)
+    readers = {".json": read_json, ".safetensors": lambda path: safe_open(path, "pt").keys(),    # checks the size
+               ".pt": lambda path: torch.load(path, map_location="cpu", mmap=True, weights_only=False)}
+    names = sorted(os.listdir(folder))
+    if os.path.isfile(os.path.join(folder, "config.json")) and not any(
+            name.endswith((".safetensors", ".bin", ".safetensors.index.json")) for name in names):
+        raise CheckpointError(f"{folder} has no model weights (model.safetensors): restore the folder from a copy")
+    for name in names:
+        read = readers.get(os.path.splitext(name)[1])
+        if read is None or not os.path.isfile(os.path.join(folder, name)):
+            continue
+        try:
+            read(os.path.join(folder, name))
+        except Exception as error:          # each reader has its own errors; all mean the same here
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+            raise CheckpointError(f"{os.path.join(folder, name)} cannot be read ({reason}): it is cut short or "
+                                  f"damaged; restore the folder from a copy, or start the run again") from None
+
+
+def read_trainer_state(checkpoint: str) -> dict:
+    """A checkpoint's trainer_state.pt, after check_folder_files has read every file of the checkpoint."""
+    check_folder_files(checkpoint)
+    return torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)
+
+
+def sync_to_disk(folder: str) -> None:
+    """fsync every file in `folder`, then the folder itself (its entries: names created, renamed or removed)."""
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            descriptor = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(descriptor)
+            finally:
+                os.close(descriptor)
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+@contextlib.contextmanager
+def run_folder_lock(path: str, runtime: Runtime):
+    """One run per folder: process 0 holds an advisory lock (flock) on the run folder while the run lasts, and the
+    operating system drops it when the process ends, so a killed run leaves none behind. A second run or a resume
+    into a held folder is refused at once (UsageError); torchrun's processes share process 0's lock. A folder made
+    here and left empty (a model that did not load) is removed."""
+    descriptor, busy, made = None, False, runtime.is_main and not os.path.isdir(path)
+    if runtime.is_main:
+        os.makedirs(path, exist_ok=True)
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            busy = True
+    try:
+        if runtime.sum({"busy": float(busy)})["busy"]:
+            raise UsageError(f"{path} is in use by another run (one run per folder): wait for it to end, or pass "
+                             f"another --output-dir")
+        yield
+    finally:
+        if descriptor is not None:
+            os.close(descriptor)
+            if made and not busy and not os.listdir(path):
+                os.rmdir(path)
+
+
 def save_checkpoint(run: Run, step: int) -> str:
-    """Write the run folder's checkpoint/ atomically: build checkpoint.tmp, then swap it in with renames, so an
-    interrupted save leaves the previous checkpoint intact. A failed write (a full disk) removes the partial
-    checkpoint.tmp and raises an OSError that says which checkpoint is still there."""
+    """Write the run folder's checkpoint/ atomically and durably: build checkpoint.tmp, flush it to disk, then swap
+    it in with renames and flush those: an interrupted save, or a crash of the machine, leaves the previous or the
+    new checkpoint whole. A failed write (a full disk) removes the partial checkpoint.tmp and raises an OSError that
+    says which checkpoint is still there."""
     final, temporary, previous = (os.path.join(run.output_dir, name)
                                   for name in ("checkpoint", "checkpoint.tmp", "checkpoint.old"))
     shutil.rmtree(temporary, ignore_errors=True)
@@ -1699,6 +1782,7 @@ def save_checkpoint(run: Run, step: int) -> str:
         torch.save({"step": step, "config": dataclasses.asdict(run.cfg), "optimizer": run.optimizer.state_dict(),
                     "data_rng": run.data_rng.getstate(), "step0_reference": run.step0_reference},
                    os.path.join(temporary, "trainer_state.pt"))
+        sync_to_disk(temporary)   # the files' contents on disk before any rename makes them the checkpoint
     except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
         shutil.rmtree(temporary, ignore_errors=True)
         kept = (f"the previous checkpoint {final} is intact" if os.path.isdir(final)
@@ -1709,6 +1793,7 @@ def save_checkpoint(run: Run, step: int) -> str:
         os.rename(final, previous)
     os.rename(temporary, final)  # a crash just before this leaves checkpoint.old, which find_checkpoint reads
     shutil.rmtree(previous, ignore_errors=True)
+    sync_to_disk(run.output_dir)
     return final
 
 
@@ -1872,7 +1957,15 @@ def dist_prompt_count(cfg: Config) -> int:
     return 16 if cfg.task == "pick" and cfg.data is None else 0
 
 
-class ConfigError(ValueError):
+class UsageError(ValueError):
+    """An input that cannot work (a damaged checkpoint, a run folder in use): one line, exit status 2."""
+
+
+class CheckpointError(UsageError):
+    """A checkpoint or model folder with a file that cannot be read."""
+
+
+class ConfigError(UsageError):
     """Flag values that cannot work, one line each: `--flag VALUE: why`."""
 
     def __init__(self, problems: list[str]):
@@ -1966,8 +2059,7 @@ def config_from_argv(argv: Optional[list] = None) -> Config:
     """Flags override the defaults, or, with --resume, the config saved in the checkpoint."""
     given = vars(build_arg_parser().parse_args(argv))
     if given.get("resume"):
-        state = torch.load(os.path.join(find_checkpoint(given["resume"]), "trainer_state.pt"),
-                           weights_only=False)
+        state = read_trainer_state(find_checkpoint(given["resume"]))
         saved = {k: v for k, v in state["config"].items() if k in {f.name for f in dataclasses.fields(Config)}}
         if "output_dir" not in given:   # the folder resumed, even when it was copied or moved since
             saved["output_dir"] = os.path.dirname(os.path.abspath(find_checkpoint(given["resume"])))
@@ -1983,8 +2075,8 @@ def main(argv: Optional[list] = None) -> None:
     try:
         cfg = config_from_argv(argv)
         train(cfg)
-    except ConfigError as error:      # argparse's convention: a usage error exits with 2
-        print("\n".join(f"error: {problem}" for problem in error.problems), file=sys.stderr)
+    except UsageError as error:      # argparse's convention: a usage error exits with 2
+        print("\n".join(f"error: {problem}" for problem in str(error).splitlines()), file=sys.stderr)
         raise SystemExit(2) from None
     except (ValueError, OSError) as error:
         raise SystemExit(f"error: {error}") from None

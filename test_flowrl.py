@@ -1693,6 +1693,126 @@ def test_a_copied_run_resumes_into_the_copy_and_leaves_the_original_alone(tiny_m
         assert (tmp_path / "original" / name).read_bytes() == content, name
 
 
+def cut_to_half(path):
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_model_dir, tmp_path_factory):
+    """A 1-step FlowRL run folder with a checkpoint, copied by each test that damages it."""
+    cfg = tiny_config(tiny_model_dir, tmp_path_factory.mktemp("finished") / "run", steps=1)
+    flowrl.train(cfg)
+    return cfg.output_dir
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "trainer_state.pt", "log_z_head.pt", "config.json"])
+def test_a_damaged_checkpoint_file_is_one_line_naming_it(finished_run, tmp_path, capsys, name):
+    """A checkpoint file cut to half (a copy stopped part-way, a crash of the machine): --resume and --model on the
+    run folder exit with status 2 and one line naming the file, no traceback, before anything is written."""
+    run = shutil.copytree(finished_run, tmp_path / "run")
+    cut_to_half(os.path.join(run, "checkpoint", name))
+    before = sorted(os.listdir(run))
+    for argv in (["--resume", str(run), "--steps", "2"], ["--model", str(run), "--output-dir", str(tmp_path / "b")]):
+        with pytest.raises(SystemExit) as exit_info:
+            flowrl.main(argv)
+        assert exit_info.value.code == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and os.path.join(run, "checkpoint", name) in lines[0] and "Traceback" not in lines[0]
+    assert sorted(os.listdir(run)) == before and not os.path.exists(tmp_path / "b")
+
+
+def test_a_damaged_model_folder_is_one_line_naming_the_file(tiny_model_dir, tmp_path, capsys):
+    model = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    cut_to_half(model / "model.safetensors")
+    with pytest.raises(SystemExit) as exit_info:
+        flowrl.main(["--model", str(model), "--output-dir", str(tmp_path / "run")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1 and str(model / "model.safetensors") in lines[0]
+    os.remove(model / "model.safetensors")
+    with pytest.raises(SystemExit) as exit_info:
+        flowrl.main(["--model", str(model), "--output-dir", str(tmp_path / "run")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1 and "no model weights" in lines[0]
+
+
+def test_a_save_is_flushed_to_disk_before_it_is_renamed_into_place(tiny_model_dir, tmp_path, monkeypatch):
+    """Every file of checkpoint.tmp, and the folder, fsynced before the rename that makes it the checkpoint; the run
+    folder fsynced after the renames: a crash of the machine leaves the old or the new checkpoint whole."""
+    events, real_fsync, real_rename = [], os.fsync, os.rename
+
+    def fsync(descriptor):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{descriptor}")))
+        real_fsync(descriptor)
+
+    def rename(source, target):
+        events.append(("rename", os.path.abspath(source), os.path.abspath(target)))
+        real_rename(source, target)
+    monkeypatch.setattr(flowrl.os, "fsync", fsync)
+    monkeypatch.setattr(flowrl.os, "rename", rename)
+    cfg = tiny_config(tiny_model_dir, tmp_path / "run", steps=2)
+    flowrl.train(cfg)
+    run = os.path.abspath(cfg.output_dir)
+    checkpoint, temporary = os.path.join(run, "checkpoint"), os.path.join(run, "checkpoint.tmp")
+    swaps = [i for i, event in enumerate(events) if event == ("rename", temporary, checkpoint)]
+    assert len(swaps) == 2                                                     # a save at each of the 2 steps
+    start = 0
+    for swap in swaps:
+        synced = {event[1] for event in events[start:swap] if event[0] == "fsync"}
+        files = {os.path.join(temporary, name) for name in os.listdir(checkpoint)}
+        assert files <= synced and temporary in synced, files - synced
+        assert ("fsync", run) in events[swap:], "the renames were not flushed"
+        start = swap
+
+
+def run_flowrl(argv):
+    """flowrl.py in a process of its own: (exit status, stderr)."""
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, flowrl.__file__, *argv], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    return done.returncode, done.stderr
+
+
+def test_two_runs_started_at_once_into_one_folder_one_refuses(tiny_model_dir, tmp_path):
+    """Two processes start into one fresh folder: one is refused at once with one line naming the folder, and the
+    other's metrics.jsonl holds exactly its own steps."""
+    from concurrent.futures import ThreadPoolExecutor
+    folder = str(tmp_path / "run")
+    argv = ["--model", tiny_model_dir, "--output-dir", folder, "--steps", "3", "--prompts-per-step", "2",
+            "--group-size", "4", "--max-new-tokens", "6", "--operations", "+", "--max-operand", "3",
+            "--eval-size", "4", "--eval-samples", "2", "--pass-k", "2", "--show-examples", "0"]
+    with ThreadPoolExecutor(2) as pool:
+        results = sorted(pool.map(run_flowrl, [argv, argv]))
+    (ran, _), (refused, message) = results
+    assert (ran, refused) == (0, 2), results
+    lines = [line for line in message.strip().splitlines() if line.startswith("error")]
+    assert lines == [f"error: {folder} is in use by another run (one run per folder): wait for it to end, or pass "
+                     f"another --output-dir"], message
+    assert [r["step"] for r in read_metrics(folder) if r["split"] == "train"] == [1, 2, 3]
+    assert [r["step"] for r in read_metrics(folder) if r["split"] == "eval"] == [0, 3]
+
+
+def test_the_lock_of_a_killed_run_is_gone_with_it(finished_run, tmp_path, capsys):
+    """A process that holds a run folder's lock refuses a resume into it; SIGKILLed, it leaves no lock behind."""
+    import subprocess
+    import sys
+    run = shutil.copytree(finished_run, tmp_path / "run")
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; d = os.open(sys.argv[1], "
+                               "os.O_RDONLY); fcntl.flock(d, fcntl.LOCK_EX); print('held', flush=True); "
+                               "time.sleep(600)", str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(SystemExit) as exit_info:
+            flowrl.main(["--resume", str(run), "--steps", "2"])
+        assert exit_info.value.code == 2 and "in use by another run" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
+    flowrl.main(["--resume", str(run), "--steps", "2"])
+    assert [r["step"] for r in read_metrics(run) if r["split"] == "train"] == [1, 2]
+
+
 def join_within(processes, seconds):
     """Wait for every process, at most `seconds` in all; kill and fail on a hang. Returns the exit codes."""
     import time
