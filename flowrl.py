@@ -1712,7 +1712,7 @@ def check_folder_files(folder: str) -> None:
         try:
             read(os.path.join(folder, name))
         except Exception as error:          # each reader has its own errors; all mean the same here
-            reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0].split(". ")[0]   # 1st sentence
             raise CheckpointError(f"{os.path.join(folder, name)} cannot be read ({reason}): it is cut short or "
                                   f"damaged; restore the folder from a copy, or start the run again") from None
 
