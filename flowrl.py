@@ -9,9 +9,9 @@ The file reads top to bottom next to the paper:
   1. the method: Eq. 5 `group_normalize`, Eq. 6 `flowrl_loss` with log Z_phi(x) `LogZHead` (or, the field's
      change, `group_log_z`), Eq. 1 `grpo_loss`: pure torch, nothing else of this file, to copy into a trainer
   2. data  3. the verifiable reward  4. sampling y ~ pi_theta  5. log-probs and log Z from one forward pass
-  6. one training step in the paper's order (`training_step`)  7. the loop (`train`)  8. evaluation
-  9. the study's measurements: answer distributions, what the loss did, the step's metrics record
-  10. plumbing: processes and devices, model loading, checkpoints  11. config, validation and the CLI
+  6. one training step in the paper's order (`training_step`), what the loss did, the step's record
+  7. the loop (`train`), with a hook for a study's measurements (bench/pick_study.py)  8. evaluation
+  9. plumbing: processes and devices, model loading, checkpoints  10. config, validation and the CLI
 
     python flowrl.py                            # SmolLM2-135M-Instruct on 1-digit arithmetic, CPU, minutes
     python flowrl.py --task pick                # many correct answers: does FlowRL keep their spread?
@@ -49,6 +49,7 @@ import contextlib
 import copy
 import ctypes
 import dataclasses
+import functools
 import datetime
 import fcntl
 import importlib.util
@@ -622,45 +623,78 @@ def sample_completions(model, tokenizer, prompts: list[str], samples_per_prompt:
 # ==================================================================================================================
 # 5. Log-probs of a response and log Z_phi(x), from one forward pass
 # ==================================================================================================================
+LOGIT_CHUNK = 2**26     # logits TokenLogprobs takes at once in float32 (256 MB): whole rows, at least one
+
+
+class TokenLogprobs(torch.autograd.Function):
+    """log softmax(logits / T) at the response tokens, [B, T, V] -> [B, T], a few rows at a time in float32: the
+    numbers and gradients of `(logits.float() / T).log_softmax(-1).gather(-1, ids)`, without its several [B, T, V]
+    float32 copies (Qwen2.5's vocabulary has 151,936 tokens). The backward pass rebuilds each chunk's softmax from
+    the logits, kept in their own dtype, and the saved logsumexp."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, token_ids: torch.Tensor, temperature: float) -> torch.Tensor:
+        ctx.rows, ctx.temperature = max(1, LOGIT_CHUNK // logits[0].numel()), temperature
+        logsumexp = torch.empty(token_ids.shape, device=logits.device)                   # [B, T] float32
+        picked = torch.empty_like(logsumexp)                                              # [B, T]
+        for start in range(0, len(logits), ctx.rows):
+            rows = slice(start, start + ctx.rows)
+            scores = logits[rows].float() / temperature                                   # [rows, T, V]
+            logsumexp[rows] = scores.logsumexp(-1)
+            picked[rows] = scores.gather(-1, token_ids[rows].unsqueeze(-1)).squeeze(-1)
+        ctx.save_for_backward(logits, token_ids, logsumexp)
+        return picked - logsumexp
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        logits, token_ids, logsumexp = ctx.saved_tensors
+        grad_logits = torch.empty_like(logits)                                            # [B, T, V]
+        for start in range(0, len(logits), ctx.rows):
+            rows = slice(start, start + ctx.rows)
+            softmax = (logits[rows].float() / ctx.temperature - logsumexp[rows].unsqueeze(-1)).exp()
+            upstream = grad[rows].unsqueeze(-1)                                           # [rows, T, 1]
+            # d/d logits of (logits_y - logsumexp(logits)) / T: (onehot(y) - softmax) / T
+            chunk = (-softmax * upstream).scatter_add_(-1, token_ids[rows].unsqueeze(-1), upstream)
+            grad_logits[rows] = chunk / ctx.temperature
+        return grad_logits, None, None
+
+
 def token_logprobs_and_log_z(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int,
-                             temperature: float, log_z_head: Optional[LogZHead] = None, group_size: int = 1):
+                             temperature: float, log_z_head: Optional[LogZHead] = None, rows_per_prompt: int = 1):
     """Per-token log pi(y_t | x, y_<t) of the response [B, T] and, with a head, log Z_phi(x) [B], from one forward
     pass: the model's own logits (soft-capping, logit scales and all), kept only at the T positions that predict
-    the response and scored with logsumexp + gather; and its last hidden states (after the final norm) over the
-    prompt, for log Z. With group_size G > 1 (rows [i*G, (i+1)*G) complete one prompt) the pass is split: each
-    prompt once, then its G completions on a copy of its KV cache, the same result without the prompt G times."""
+    the response (TokenLogprobs); and its last hidden states (after the final norm) over the prompt, for log Z.
+    With rows_per_prompt k > 1 (rows [i*k, (i+1)*k) complete one prompt) the pass is split: each prompt once, then
+    its k completions on a copy of its KV cache, the same result without the prompt k times. log Z is computed for
+    every row, so each row draws its own dropout mask in training mode however the pass went (as the official code,
+    which scores each row on its own)."""
     completion_length = input_ids.shape[1] - prompt_length                   # T
     positions = position_ids_from_mask(attention_mask)                       # [B, P+T]
     # Gradient checkpointing drops the KV cache when it will replay the layers in the backward pass.
-    share = group_size > 1 and completion_length > 1 and not (
+    shared_prompt_pass = rows_per_prompt > 1 and completion_length > 1 and not (
         torch.is_grad_enabled() and model.is_activation_checkpointing)
-    if share:
+    if shared_prompt_pass:
         from transformers import DynamicCache
-        cache = DynamicCache(config=model.config)
-        prompt_output = model(input_ids=input_ids[::group_size, :prompt_length],
-                              attention_mask=attention_mask[::group_size, :prompt_length],
-                              position_ids=positions[::group_size, :prompt_length], cache=cache, use_cache=True,
+        cache, k = DynamicCache(config=model.config), rows_per_prompt
+        prompt_output = model(input_ids=input_ids[::k, :prompt_length], position_ids=positions[::k, :prompt_length],
+                              attention_mask=attention_mask[::k, :prompt_length], cache=cache, use_cache=True,
                               logits_to_keep=1, output_hidden_states=log_z_head is not None)
-        cache.batch_repeat_interleave(group_size)
+        cache.batch_repeat_interleave(k)
         completion_output = model(input_ids=input_ids[:, prompt_length:-1], attention_mask=attention_mask[:, :-1],
                                   position_ids=positions[:, prompt_length:-1], cache=cache, use_cache=True)
-        logits = torch.cat([prompt_output.logits.repeat_interleave(group_size, dim=0),
-                            completion_output.logits], dim=1)                 # [B, T, V]
+        logits = torch.cat([prompt_output.logits.repeat_interleave(k, dim=0), completion_output.logits], dim=1)
     else:
         prompt_output = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                               use_cache=False, logits_to_keep=completion_length + 1,
                               output_hidden_states=log_z_head is not None)
         logits = prompt_output.logits[:, :-1]                                 # [B, T, V] position P-1+t predicts y_t
-    logits = logits.float() / temperature
-    completion_ids = input_ids[:, prompt_length:]                            # [B, T]
-    logprobs = logits.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)  # [B, T]
+    logprobs = TokenLogprobs.apply(logits, input_ids[:, prompt_length:], temperature)             # [B, T]
     log_z = None
     if log_z_head is not None:
-        rows = slice(None, None, group_size) if share else slice(None)
-        prompt_hidden = prompt_output.hidden_states[-1][:, :prompt_length]    # [B or B/G, P, H], after the final norm
-        log_z = log_z_head(prompt_hidden, attention_mask[rows, :prompt_length])
-        if share:
-            log_z = log_z.repeat_interleave(group_size)                      # [B]
+        prompt_hidden = prompt_output.hidden_states[-1][:, :prompt_length]    # [B or B/k, P, H], after the final norm
+        if shared_prompt_pass:
+            prompt_hidden = prompt_hidden.repeat_interleave(rows_per_prompt, dim=0)              # [B, P, H]
+        log_z = log_z_head(prompt_hidden, attention_mask[:, :prompt_length])                    # [B]
     return logprobs, log_z
 
 
@@ -683,13 +717,14 @@ def forward_passes(groups: torch.Tensor, group_size: int, micro_batch_size: int)
 
 @torch.no_grad()
 def batched_token_logprobs(model, rollouts: Rollouts, temperature: float, micro_batch_size: int, runtime: Runtime,
-                           group_size: int = 1) -> torch.Tensor:
+                           rows_per_prompt: int = 1) -> torch.Tensor:
     """token_logprobs_and_log_z without gradients, [B, T], in passes of micro_batch_size rows (pi_ref, pi_old)."""
     chunks = []
-    for rows, shared in forward_passes(torch.arange(len(rollouts.texts) // group_size), group_size, micro_batch_size):
+    prompts = torch.arange(len(rollouts.texts) // rows_per_prompt)
+    for rows, shared in forward_passes(prompts, rows_per_prompt, micro_batch_size):
         with runtime.autocast():
             logprobs, _ = token_logprobs_and_log_z(model, rollouts.input_ids[rows], rollouts.attention_mask[rows],
-                                                   rollouts.prompt_length, temperature, group_size=shared)
+                                                   rollouts.prompt_length, temperature, rows_per_prompt=shared)
         chunks.append(logprobs)
     return torch.cat(chunks)  # [B, T]
 
@@ -697,8 +732,33 @@ def batched_token_logprobs(model, rollouts: Rollouts, temperature: float, micro_
 # ==================================================================================================================
 # 6. One training step: sample a group -> reward -> r_hat (Eq. 5) -> pi_ref, pi_old log-probs -> loss -> update
 # ==================================================================================================================
-def score(texts: list[str], problems: list[Problem], samples_per_prompt: int,
-          reward_fn: Callable[[str, str], float]) -> torch.Tensor:
+@dataclass
+class Batch:
+    """One step's rollout batch on this process and what the loss needs of it: B = prompts x G rows, rows
+    [i*G, (i+1)*G) answer problems[i]."""
+    problems: list[Problem]
+    rollouts: Rollouts
+    rewards: torch.Tensor                        # r(x, y)               [B]
+    reward_hat: torch.Tensor                     # r_hat, Eq. 5          [B]
+    trained_groups: torch.Tensor                 # the groups in the loss: all, or (--skip-equal-groups) some
+    ref_logprobs: Optional[torch.Tensor] = None  # log pi_ref per token  [B, T]; None for GRPO without a KL term
+    old_logprobs: Optional[torch.Tensor] = None  # log pi_old per token  [B, T]; None with one update: pi_old = pi_theta
+
+
+@dataclass
+class Update:
+    """What policy_update did with a batch: sums over this process's sequences in the loss of the loss and its stats;
+    the updates made and skipped and the sums of their gradient norms (the same on every process); log Z, residual
+    and importance weight of each sequence, [B] each, NaN outside FlowRL's loss."""
+    loss_sums: dict[str, float]
+    updates: int
+    skipped_updates: int
+    grad_norm_sums: dict[str, float]
+    per_sequence: dict[str, torch.Tensor]
+
+
+def rewards_of(texts: list[str], problems: list[Problem], samples_per_prompt: int,
+               reward_fn: Callable[[str, str], float]) -> torch.Tensor:
     """Verifiable reward r(x, y) of every completion, [B]; completion i answers problems[i // G]."""
     return torch.tensor([reward_fn(text, problems[i // samples_per_prompt].answer) for i, text in enumerate(texts)])
 
@@ -713,40 +773,38 @@ def equal_reward_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     return (grouped == grouped[:, :1]).all(-1)
 
 
-def micro_batch_loss(policy, log_z_head: Optional[LogZHead], rollouts: Rollouts, rows: torch.Tensor, shared: int,
-                     reward_hat: torch.Tensor, ref_logprobs: Optional[torch.Tensor],
-                     old_logprobs: Optional[torch.Tensor], cfg: Config, runtime: Runtime):
-    """The loss (Eq. 6, or Eq. 1 for GRPO) and its stats on one forward pass over `rows` (`shared` of them a
-    prompt pass), pi_theta's log-probs at --temperature whatever the rollouts were drawn at. Without old_logprobs
-    pi_old is pi_theta (w = 1); without ref_logprobs (GRPO with no KL term) the KL is 0."""
-    with runtime.autocast():
+def micro_batch_loss(run: Run, batch: Batch, rows: torch.Tensor, rows_per_prompt: int):
+    """The loss (Eq. 6, or Eq. 1 for GRPO) and its stats on one forward pass of pi_theta over `rows`, its log-probs
+    at --temperature whatever the rollouts were drawn at. Without old log-probs pi_old is pi_theta (w = 1); without
+    reference log-probs (GRPO with no KL term) the KL is 0."""
+    cfg, rollouts = run.cfg, batch.rollouts
+    with run.runtime.autocast():
         logprobs, log_z = token_logprobs_and_log_z(
-            policy, rollouts.input_ids[rows], rollouts.attention_mask[rows], rollouts.prompt_length,
-            cfg.temperature, log_z_head, group_size=shared)                                # [b, T], [b] or None
-    old = old_logprobs[rows] if old_logprobs is not None else logprobs.detach()
-    ref = ref_logprobs[rows] if ref_logprobs is not None else logprobs.detach()
-    mask = rollouts.completion_mask[rows]
+            run.policy, rollouts.input_ids[rows], rollouts.attention_mask[rows], rollouts.prompt_length,
+            cfg.temperature, run.log_z_head, rows_per_prompt)                                  # [b, T], [b] or None
+    old = batch.old_logprobs[rows] if batch.old_logprobs is not None else logprobs.detach()
+    ref = batch.ref_logprobs[rows] if batch.ref_logprobs is not None else logprobs.detach()
+    mask, reward_hat = rollouts.completion_mask[rows], batch.reward_hat[rows]
     if cfg.algo == "grpo":
-        return grpo_loss(logprobs, ref, old, reward_hat[rows], mask, clip_eps=cfg.clip_eps, kl_coef=cfg.kl_coef)
+        return grpo_loss(logprobs, ref, old, reward_hat, mask, clip_eps=cfg.clip_eps, kl_coef=cfg.kl_coef)
     if cfg.log_z == "group":
-        log_z = group_log_z(logprobs, ref, reward_hat[rows], mask, cfg.group_size, cfg.beta, cfg.length_normalize)
+        log_z = group_log_z(logprobs, ref, reward_hat, mask, cfg.group_size, cfg.beta, cfg.length_normalize)
     elif cfg.log_z == "none":
         log_z = torch.zeros(len(rows), device=reward_hat.device)
-    return flowrl_loss(logprobs, ref, old, log_z, reward_hat[rows], mask, beta=cfg.beta, clip_eps=cfg.clip_eps,
+    return flowrl_loss(logprobs, ref, old, log_z, reward_hat, mask, beta=cfg.beta, clip_eps=cfg.clip_eps,
                        length_normalize=cfg.length_normalize)
 
 
-def optimizer_step(policy, log_z_head: Optional[LogZHead], optimizer, finite: bool, cfg: Config,
-                   runtime: Runtime) -> Optional[dict[str, float]]:
+def optimizer_step(run: Run, finite: bool) -> Optional[dict[str, float]]:
     """One AdamW update from the accumulated gradients. Under torchrun the processes first agree that every loss
     was finite, then sum their (already weighted) gradients; a non-finite loss or gradient on any process skips the
     update on all. Returns the gradient norms before clipping, or None when skipped; frees the gradients."""
-    policy_params = list(policy.parameters())
-    head_params = list(log_z_head.parameters()) if log_z_head is not None else []
+    policy_params = list(run.policy.parameters())
+    head_params = list(run.log_z_head.parameters()) if run.log_z_head is not None else []
     params = policy_params + head_params
-    if runtime.world_size > 1:
+    if run.runtime.world_size > 1:
         # The same collectives on every process whatever its data: agree first, then sum the weighted gradients.
-        finite = runtime.sum({"finite": float(finite)})["finite"] == runtime.world_size
+        finite = run.runtime.sum({"finite": float(finite)})["finite"] == run.runtime.world_size
         for param in params:
             if finite:
                 if param.grad is None:        # no sequence of this mini-batch on this process
@@ -758,112 +816,182 @@ def optimizer_step(policy, log_z_head: Optional[LogZHead], optimizer, finite: bo
         log_z_norm = torch.nn.utils.get_total_norm([p.grad for p in head_params if p.grad is not None])
         grad_norm = torch.linalg.vector_norm(torch.stack([policy_norm, log_z_norm.to(policy_norm.device)]))
         if torch.isfinite(grad_norm):
-            torch.nn.utils.clip_grads_with_norm_(params, cfg.max_grad_norm, grad_norm)
-            optimizer.step()
+            torch.nn.utils.clip_grads_with_norm_(params, run.cfg.max_grad_norm, grad_norm)
+            run.optimizer.step()
             norms = {"grad_norm": grad_norm.item(), "grad_norm_policy": policy_norm.item(),
-                     "grad_norm_log_z": log_z_norm.item()}
+                     **({"grad_norm_log_z": log_z_norm.item()} if head_params else {})}
     if norms is None:
         tqdm.write("non-finite loss or gradient: update skipped (weights unchanged)")
-    optimizer.zero_grad(set_to_none=True)  # gradients freed now, not kept through the next step's sampling
+    run.optimizer.zero_grad(set_to_none=True)  # gradients freed now, not kept through the next step's sampling
     return norms
 
 
-def policy_update(policy, log_z_head: Optional[LogZHead], optimizer, rollouts: Rollouts, reward_hat: torch.Tensor,
-                  ref_logprobs: Optional[torch.Tensor], old_logprobs: Optional[torch.Tensor], cfg: Config,
-                  runtime: Runtime, trained_groups: Optional[torch.Tensor] = None) -> tuple[dict, dict, dict]:
-    """`cfg.updates_per_batch` AdamW updates on mini-batches of whole groups of one rollout batch, each accumulated
-    over forward passes of at most --micro-batch-size rows, each pass's loss weighted by its share of the whole
-    mini-batch on all processes: an update means the same as in one process given the whole batch.
-    trained_groups: the groups in the loss (all; --skip-equal-groups leaves some out). Returns (sums over this
-    process's sequences of the loss and its stats; the updates made and skipped and the sums of their gradient
-    norms, the same on every process; per-sequence log Z, residual and importance weight [B], NaN if unused)."""
-    batch_size = len(rollouts.texts)
-    policy.train()
-    if log_z_head is not None:
-        log_z_head.train()
-    sums = collections.defaultdict(float, loss=0.0)
-    updates = collections.defaultdict(float, updates=0, skipped_updates=0)
-    per_sequence = {name: torch.full((batch_size,), float("nan"))         # [B] each, NaN outside FlowRL's loss
+def policy_update(run: Run, batch: Batch) -> Update:
+    """--updates-per-batch AdamW updates on mini-batches of whole groups of one rollout batch, chosen at random (the
+    paper's mini-batches of prompts), each accumulated over forward passes of at most --micro-batch-size rows, each
+    pass's loss weighted by its share of the mini-batch on all processes: an update means the same as in one process
+    given the whole batch. The statistics stay on the device and are read once per update."""
+    cfg, runtime, device = run.cfg, run.runtime, batch.reward_hat.device
+    run.policy.train()
+    if run.log_z_head is not None:
+        run.log_z_head.train()
+    per_sequence = {name: torch.full((len(batch.reward_hat),), float("nan"), device=device)   # [B] each
                     for name in ("log_z", "residual", "importance_weight")}
-    if trained_groups is None:
-        trained_groups = torch.arange(batch_size // cfg.group_size)
-    # Mini-batches are whole groups (prompts, as the paper's "32 prompts" mini-batch), chosen at random.
-    for groups in trained_groups[torch.randperm(len(trained_groups))].tensor_split(cfg.updates_per_batch):
-        minibatch_size = runtime.sum({"rows": len(groups) * cfg.group_size})["rows"]   # on all processes
-        if not minibatch_size:
+    loss_sums, grad_norm_sums, made, skipped = collections.defaultdict(float), collections.defaultdict(float), 0, 0
+    groups = batch.trained_groups
+    for minibatch in groups[torch.randperm(len(groups))].tensor_split(cfg.updates_per_batch):
+        minibatch_rows = runtime.sum({"rows": len(minibatch) * cfg.group_size})["rows"]      # on all processes
+        if not minibatch_rows:
             continue
-        finite = True
-        for rows, shared in forward_passes(groups, cfg.group_size, cfg.micro_batch_size):
-            rows = rows.to(reward_hat.device)
-            loss, stats = micro_batch_loss(policy, log_z_head, rollouts, rows, shared, reward_hat, ref_logprobs,
-                                           old_logprobs, cfg, runtime)
+        sums = {"loss": torch.zeros((), device=device)}                             # this update's, on the device
+        for rows, rows_per_prompt in forward_passes(minibatch, cfg.group_size, cfg.micro_batch_size):
+            rows = rows.to(device)
+            loss, stats = micro_batch_loss(run, batch, rows, rows_per_prompt)
             for name, key in (("residual", "residual"), ("importance_weight", "weight"), ("log_z", "log_z")):
                 if key in stats:
-                    per_sequence[name][rows.cpu()] = stats.pop(key).float().cpu()
-            if not torch.isfinite(loss):
-                finite = False
-                break
+                    per_sequence[name][rows] = stats[key].float()
             # each pass's mean, weighted by its share of the mini-batch, adds up to the mini-batch's mean
-            (loss * len(rows) / minibatch_size).backward()
-            for name, value in {"loss": loss, **stats}.items():
-                sums[name] += value.item() * len(rows)
-        norms = optimizer_step(policy, log_z_head, optimizer, finite, cfg, runtime)
-        updates["updates" if norms is not None else "skipped_updates"] += 1
+            (loss * len(rows) / minibatch_rows).backward()
+            for name, value in [("loss", loss.detach()), *stats.items()]:
+                if value.dim() == 0:                                                 # a mean over the pass's rows
+                    sums[name] = sums.get(name, 0.0) + value.float() * len(rows)
+        sums = dict(zip(sums, torch.stack(list(sums.values())).tolist()))          # one read from the device
+        norms = optimizer_step(run, finite=math.isfinite(sums["loss"]))
+        made, skipped = (made + 1, skipped) if norms is not None else (made, skipped + 1)
+        for name, value in (sums.items() if norms is not None else ()):
+            loss_sums[name] += value
         for name, value in (norms or {}).items():
-            updates[name] += value
-    return dict(sums), dict(updates), per_sequence
+            grad_norm_sums[name] += value
+    return Update(dict(loss_sums), made, skipped, dict(grad_norm_sums), per_sequence)
 
 
-def training_step(policy, reference, log_z_head: Optional[LogZHead], optimizer, tokenizer, problems: list[Problem],
-                  cfg: Config, reward_fn: Callable[[str, str], float], runtime: Runtime) -> tuple[dict, list[dict]]:
-    """One FlowRL (or GRPO) step on this process's prompts, in the paper's order. Returns (the step's metrics,
-    summed over processes; one row per completion for --log-rollouts)."""
-    step_start = time.perf_counter()
+def training_step(run: Run, problems: list[Problem]) -> tuple[dict, Batch, Update]:
+    """One FlowRL (or GRPO) step on this process's prompts, in the paper's order. Returns the step's metrics
+    (summed over processes), its batch and what its update did."""
+    cfg, runtime, step_start = run.cfg, run.runtime, time.perf_counter()
 
-    # ---- 1. a group of G completions per prompt, from pi_old = the current policy. --explore-temperature draws
-    #         them at another temperature (trajectory balance has the same minimiser whatever full-support
-    #         distribution feeds it); every log-prob below stays at --temperature ---------------------------------
-    prompts = [format_prompt(tokenizer, p.question) for p in problems]
+    # ---- 1. a group of G completions per prompt from pi_old, the current policy (--explore-temperature: at another
+    #         temperature; every log-prob below stays at --temperature) -------------------------------------------
+    prompts = [format_prompt(run.tokenizer, p.question) for p in problems]
     with runtime.autocast():
-        rollouts = sample_completions(policy, tokenizer, prompts, cfg.group_size, cfg.max_new_tokens,
+        rollouts = sample_completions(run.policy, run.tokenizer, prompts, cfg.group_size, cfg.max_new_tokens,
                                       temperature=cfg.explore_temperature or cfg.temperature)
     generation_seconds = time.perf_counter() - step_start
 
     # ---- 2. the reward r(x, y) (section 3) and its group normalisation r_hat (Eq. 5) -------------------------
-    rewards = score(rollouts.texts, problems, cfg.group_size, reward_fn).to(runtime.device)    # r      [B]
-    reward_hat = group_normalize(rewards, cfg.group_size, std_normalize=cfg.std_normalize)     # r_hat  [B]
-    equal_groups = equal_reward_groups(rewards, cfg.group_size).cpu()                         # [B / G]
-    trained_groups = torch.arange(len(equal_groups))[~equal_groups] if cfg.skip_equal_groups else None
+    rewards = rewards_of(rollouts.texts, problems, cfg.group_size, run.reward_fn).to(runtime.device)   # r [B]
+    equal_groups = equal_reward_groups(rewards, cfg.group_size).cpu()                                 # [B / G]
+    trained_groups = torch.arange(len(equal_groups))[~equal_groups if cfg.skip_equal_groups else slice(None)]
 
     # ---- 3. log-probs of pi_ref, and of pi_old when several updates share this batch ------------------------
     train_start = time.perf_counter()
-    ref_logprobs = old_logprobs = None                                                          # [B, T] each
-    if reference is not None:
-        ref_logprobs = batched_token_logprobs(reference, rollouts, cfg.temperature, cfg.micro_batch_size, runtime,
-                                              cfg.group_size)
-    if cfg.updates_per_batch > 1:
-        old_logprobs = batched_token_logprobs(policy, rollouts, cfg.temperature, cfg.micro_batch_size, runtime,
-                                              cfg.group_size)
+    logprobs_of = functools.partial(batched_token_logprobs, rollouts=rollouts, temperature=cfg.temperature,
+                                    micro_batch_size=cfg.micro_batch_size, runtime=runtime,
+                                    rows_per_prompt=cfg.group_size)                                   # [B, T]
+    batch = Batch(problems, rollouts, rewards,
+                  group_normalize(rewards, cfg.group_size, std_normalize=cfg.std_normalize), trained_groups,
+                  ref_logprobs=logprobs_of(run.reference) if run.reference is not None else None,
+                  old_logprobs=logprobs_of(run.policy) if cfg.updates_per_batch > 1 else None)
 
     # ---- 4. the loss and the updates ------------------------------------------------------------------------
-    sums, updates, per_sequence = policy_update(policy, log_z_head, optimizer, rollouts, reward_hat, ref_logprobs,
-                                                old_logprobs, cfg, runtime, trained_groups)
-    train_seconds = time.perf_counter() - train_start
+    update = policy_update(run, batch)
+    seconds = {"step": time.perf_counter() - step_start, "generation": generation_seconds,
+               "train": time.perf_counter() - train_start}
+    return step_record(run, batch, update, seconds), batch, update
 
-    # ---- 5. what the step did (section 9), and its metrics record -------------------------------------------
-    diagnostics = loss_diagnostics(rewards.cpu(), per_sequence["residual"], per_sequence["log_z"], reward_hat.cpu(),
+
+def rollout_rows(batch: Batch, update: Update, group_size: int) -> list[dict]:
+    """--log-rollouts: a row per completion, with its reward, r_hat, and (FlowRL) log Z, residual and weight."""
+    per_sequence = {name: values.tolist() for name, values in update.per_sequence.items()}
+    return [{"prompt": batch.problems[i // group_size].question, "completion": text,
+             "reward": batch.rewards[i].item(), "reward_hat": batch.reward_hat[i].item(),
+             **{name: (None if math.isnan(values[i]) else values[i]) for name, values in per_sequence.items()}}
+            for i, text in enumerate(batch.rollouts.texts)]
+
+
+def loss_diagnostics(rewards: torch.Tensor, residual: torch.Tensor, log_z: torch.Tensor, reward_hat: torch.Tensor,
+                     beta: float, group_size: int) -> dict[str, float]:
+    """What the loss did on this batch, as sums over this process's groups (step_record makes them means), from
+    tensors the step already has. rewards, residual, log_z, reward_hat: [B], groups of G contiguous; residual and
+    log_z NaN where a sequence was not in FlowRL's loss (GRPO: all NaN). Over the groups in the loss:
+    - the residual split into its group means (what log Z should absorb; `log_z_target` would zero them) and the
+      part within groups, which only the policy can remove. Within groups it equals beta r_hat while the policy's
+      log-ratios to pi_ref are all equal (the loss then acts as a policy gradient on r_hat), and 0 at the target.
+    - Eq. 6's (normalised) log-ratio to pi_ref within groups: its size, and its covariance with beta r_hat, whose
+      ratio to beta_reward_hat_sq is the slope of the log-ratio on beta r_hat: 0 before the policy moves towards
+      the target, 1 at it.
+
+    >>> d = loss_diagnostics(torch.tensor([1., 0, 1, 1]), torch.tensor([1., -1, 0.5, 0.5]), torch.zeros(4),
+    ...                      torch.tensor([.7, -.7, 0, 0]), 1.0, 2)
+    >>> d["equal_reward_groups"], d["residual_group_mean_sq"], d["residual_within_sq"], d["log_z_target"]
+    (1.0, 0.25, 2.0, -0.5)
+    >>> round(d["log_ratio_reward_cov"] / d["beta_reward_hat_sq"], 2)    # log-ratios +-1.7 for beta r_hat +-0.7
+    2.43
+    """
+    equal = equal_reward_groups(rewards, group_size)                                      # [groups]
+    diagnostics = {"groups": float(len(equal)), "equal_reward_groups": float(equal.sum())}
+    residual = residual.view(-1, group_size)
+    in_loss = ~residual.isnan().any(-1)                                                   # [groups]
+    if not in_loss.any():                                                                 # GRPO, or none in the loss
+        return diagnostics
+    residual, log_z = residual[in_loss], log_z.view(-1, group_size)[in_loss]               # [groups in loss, G]
+    beta_reward_hat = beta * reward_hat.view(-1, group_size)[in_loss]
+    group_mean = residual.mean(-1, keepdim=True)                                          # [groups in loss, 1]
+    log_ratio = residual - log_z + beta_reward_hat               # as residual = log Z + log-ratio - beta r_hat
+    log_ratio_within = log_ratio - log_ratio.mean(-1, keepdim=True)    # r_hat already has group mean 0 (Eq. 5)
+    diagnostics.update({
+        "groups_in_loss": in_loss.sum().item(),
+        "residual_group_mean_sq": group_mean.pow(2).sum().item(),
+        "residual_within_sq": (residual - group_mean).pow(2).sum().item(),
+        "beta_reward_hat_sq": beta_reward_hat.pow(2).sum().item(),
+        "log_ratio_within_sq": log_ratio_within.pow(2).sum().item(),
+        "log_ratio_reward_cov": (log_ratio_within * beta_reward_hat).sum().item(),
+        "log_z_target": (log_z.mean(-1) - group_mean.squeeze(-1)).sum().item(),
+    })
+    return diagnostics
+
+
+def step_record(run: Run, batch: Batch, update: Update, seconds: dict) -> dict:
+    """A training step's metrics: this process's sums added up over processes and divided by what each is a mean
+    over, the gradient norms averaged over the step's updates, timings and memory. README.md ("What a run logs")
+    describes every key."""
+    cfg, rollouts, rewards = run.cfg, batch.rollouts, batch.rewards.cpu()
+    per_sequence = {name: values.cpu() for name, values in update.per_sequence.items()}
+    diagnostics = loss_diagnostics(rewards, per_sequence["residual"], per_sequence["log_z"], batch.reward_hat.cpu(),
                                    cfg.beta, cfg.group_size)
-    if exact_measures(cfg):
-        diagnostics.update(rollout_coverage(reference, tokenizer, problems, rollouts.texts, cfg, runtime))
-    in_loss = len(trained_groups) * cfg.group_size if trained_groups is not None else len(rollouts.texts)
-    record = step_record(rollouts, rewards, in_loss, sums, updates, diagnostics, cfg, runtime,
-                         seconds={"step": time.perf_counter() - step_start, "generation": generation_seconds,
-                                  "train": train_seconds})
-    rows = [{"prompt": problems[i // cfg.group_size].question, "completion": text,
-             "reward": rewards[i].item(), "reward_hat": reward_hat[i].item(),
-             **{name: (None if math.isnan(values[i]) else values[i].item()) for name, values in per_sequence.items()}}
-            for i, text in enumerate(rollouts.texts)]
-    return record, rows
+    generated_tokens = int(rollouts.completion_mask.sum())
+    totals = run.runtime.sum({
+        **diagnostics, **{f"loss/{name}": value for name, value in update.loss_sums.items()},
+        "sequences": len(rewards), "in_loss": len(batch.trained_groups) * cfg.group_size,
+        "reward": rewards.sum().item(), "correct": (rewards == 1.0).sum().item(),
+        "generated_tokens": generated_tokens, "truncated": rollouts.truncated.sum().item()})
+
+    def mean(name: str, count: float, root: bool = False) -> Optional[float]:
+        value = totals.get(name, 0.0)
+        return None if not count else math.sqrt(value / count) if root else value / count
+    sequences, in_loss = totals["sequences"], totals["in_loss"]
+    flowrl_groups = totals.get("groups_in_loss", 0.0)                   # groups in FlowRL's loss
+    flowrl_sequences = flowrl_groups * cfg.group_size
+    return {
+        "reward_mean": mean("reward", sequences), "accuracy": mean("correct", sequences),
+        "response_length_mean": mean("generated_tokens", sequences), "truncated_frac": mean("truncated", sequences),
+        "equal_reward_group_frac": mean("equal_reward_groups", totals["groups"]), "in_loss_frac": in_loss / sequences,
+        **{name.removeprefix("loss/"): mean(name, in_loss) for name in totals if name.startswith("loss/")},
+        **({"residual_group_mean_rms": mean("residual_group_mean_sq", flowrl_groups, root=True),
+            "residual_within_rms": mean("residual_within_sq", flowrl_sequences, root=True),
+            "log_ratio_within_rms": mean("log_ratio_within_sq", flowrl_sequences, root=True),
+            "log_ratio_slope": mean("log_ratio_reward_cov", totals.get("beta_reward_hat_sq", 0.0)),
+            "beta_reward_hat_rms": mean("beta_reward_hat_sq", flowrl_sequences, root=True),
+            "log_z_target_mean": mean("log_z_target", flowrl_groups)} if cfg.algo == "flowrl" else {}),
+        "updates": update.updates, "skipped_updates": update.skipped_updates,
+        **{name: value / update.updates for name, value in update.grad_norm_sums.items()},
+        "step_seconds": seconds["step"], "generation_seconds": seconds["generation"], "train_seconds": seconds["train"],
+        "generation_tokens_per_s": generated_tokens / seconds["generation"],
+        "train_tokens_per_s": int(rollouts.attention_mask.sum()) / seconds["train"],  # padding excluded
+        "peak_memory_mb": (torch.cuda.max_memory_allocated(run.runtime.device) / 2**20
+                           if run.runtime.device.type == "cuda"
+                           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),      # Linux: KiB
+    }
 
 
 # ==================================================================================================================
@@ -877,89 +1005,130 @@ def set_hyperparameters(optimizer, cfg: Config, step: int) -> None:
         group.update(lr=lr * warmup, weight_decay=cfg.weight_decay)
 
 
-class Run:
-    """What a run holds from step to step, set up before the first: data, policy, pi_ref (None for GRPO without a
-    KL term), the log Z head (None for GRPO, --log-z group and none), AdamW, the prompt sampler, and with
-    --resume the checkpoint's state: its step and the step-0 answer distributions (answer_distribution)."""
+class Study:
+    """Measurements taken beside a run without changing its training (bench/pick_study.py takes the pick study's):
+    metrics added to each training step's record and to each evaluation's, and state kept in the checkpoint. Every
+    process calls each method at the same point, so a study may use collectives. This one measures nothing."""
 
-    def __init__(self, cfg: Config, runtime: Runtime):
-        self.cfg, self.runtime, self.output_dir = cfg, runtime, cfg.output_dir
-        if not cfg.resume and find_checkpoint(self.output_dir, required=False):
-            raise ValueError(f"{self.output_dir} already holds a checkpoint: continue it with --resume "
-                             f"{self.output_dir}, or pass another --output-dir")
-        self.train_problems, self.held_out = load_problems(cfg)
-        if cfg.steps and len(self.train_problems) < cfg.prompts_per_step:
-            raise ValueError(f"{len(self.train_problems)} training problems, fewer than --prompts-per-step")
-        self.probes, self.reward_fn = probe_questions(cfg, self.train_problems, self.held_out), reward_function(cfg)
-        keep_freed_memory(runtime.device)
-        torch.manual_seed(cfg.seed)
-        self.checkpoint = find_checkpoint(cfg.resume) if cfg.resume else None
-        self.policy, self.reference, self.tokenizer = load_policy_and_reference(cfg, self.checkpoint, runtime)
-        self.log_z_head = None
-        if cfg.algo == "flowrl" and cfg.log_z == "head":
-            self.log_z_head = LogZHead(self.policy.config.hidden_size).to(runtime.device)
-        # fused: one kernel per step, without the foreach path's temporaries the size of the parameters
-        self.optimizer = torch.optim.AdamW(
-            [{"params": self.policy.parameters()}]
-            + ([{"params": self.log_z_head.parameters()}] if self.log_z_head is not None else []),
-            lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-        self.data_rng, self.start_step, self.step0_reference = random.Random(cfg.seed), 0, None
-        self.metrics_file = self.rollouts_file = None
-        if self.checkpoint:
-            state = read_trainer_state(self.checkpoint)
-            load_training_state(self.checkpoint, state, self.log_z_head, self.optimizer)
-            self.data_rng.setstate(state["data_rng"])
-            self.start_step, self.step0_reference = state["step"], state.get("step0_reference")
-            if (self.step0_reference or {}).get("questions") != question_lists(self.probes):   # other questions
-                self.step0_reference = None
-            if self.step0_reference is None and dist_prompt_count(cfg) and runtime.is_main:
-                print(f"note: {self.checkpoint} holds no step-0 answer distribution of these questions (an older "
-                      f"checkpoint): KL to step 0 and the ratio spread will compare with the model at the first "
-                      f"evaluation after step {self.start_step}")
+    def step_metrics(self, run: Run, batch: Batch) -> dict:
+        """After a training step's update, with this process's batch: metrics for the step's record."""
+        return {}
+
+    def evaluation_metrics(self, run: Run, step: int) -> dict:
+        """After an evaluation's own metrics at `step`: metrics for its record."""
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict, run: Run) -> None:
+        """On resume, what state_dict() gave when the checkpoint was saved ({} for a run saved without a study)."""
+
+
+@dataclass
+class Run:
+    """What a run holds from step to step: its config and processes, the policy, pi_ref (None for GRPO without a KL
+    term), the log Z head (None for GRPO, --log-z group and none), AdamW, the tokenizer and the reward; the data and
+    the prompt sampler; the study beside it; the checkpoint it resumed and its step; the open logs."""
+    cfg: Config
+    runtime: Runtime
+    policy: nn.Module
+    tokenizer: object
+    optimizer: Optional[torch.optim.Optimizer] = None
+    reference: Optional[nn.Module] = None
+    log_z_head: Optional[LogZHead] = None
+    reward_fn: Callable[[str, str], float] = math_reward
+    train_problems: list[Problem] = field(default_factory=list)
+    held_out: list[Problem] = field(default_factory=list)
+    data_rng: random.Random = field(default_factory=random.Random)
+    study: Study = field(default_factory=Study)
+    checkpoint: Optional[str] = None
+    start_step: int = 0
+    metrics_file: Optional[io.TextIOBase] = None
+    rollouts_file: Optional[io.TextIOBase] = None
+
+    @property
+    def output_dir(self) -> str:
+        return self.cfg.output_dir
+
+
+def start_run(cfg: Config, runtime: Runtime, study: Study) -> Run:
+    """Everything a run needs before its first step: the data, the models, AdamW and, with --resume, the
+    checkpoint's state (the head, the optimiser, the prompt sampler, the step, the study's state)."""
+    if not cfg.resume and find_checkpoint(cfg.output_dir, required=False):
+        raise ValueError(f"{cfg.output_dir} already holds a checkpoint: continue it with --resume "
+                         f"{cfg.output_dir}, or pass another --output-dir")
+    train_problems, held_out = load_problems(cfg)
+    if cfg.steps and len(train_problems) < cfg.prompts_per_step:
+        raise ValueError(f"{len(train_problems)} training problems, fewer than --prompts-per-step")
+    keep_freed_memory(runtime.device)
+    torch.manual_seed(cfg.seed)
+    checkpoint = find_checkpoint(cfg.resume) if cfg.resume else None
+    policy, reference, tokenizer = load_policy_and_reference(cfg, checkpoint, runtime)
+    log_z_head = None
+    if cfg.algo == "flowrl" and cfg.log_z == "head":
+        log_z_head = LogZHead(policy.config.hidden_size).to(runtime.device)
+    # fused: one kernel per step, without the foreach path's temporaries the size of the parameters
+    optimizer = torch.optim.AdamW([{"params": policy.parameters()}] + (
+        [{"params": log_z_head.parameters()}] if log_z_head is not None else []),
+        lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    run = Run(cfg, runtime, policy, tokenizer, optimizer, reference, log_z_head, reward_function(cfg),
+              train_problems, held_out, random.Random(cfg.seed), study, checkpoint)
+    if checkpoint:
+        state = read_trainer_state(checkpoint)
+        load_training_state(checkpoint, state, log_z_head, optimizer)
+        run.data_rng.setstate(state["data_rng"])
+        run.start_step = state["step"]
+        study.load_state_dict(state.get("study") or {}, run)
+    return run
+
+
+def run_step(run: Run, step: int) -> dict:
+    """Training step `step` + 1 on every process: its prompts, the step, the study's metrics, the logs."""
+    cfg, runtime = run.cfg, run.runtime
+    set_hyperparameters(run.optimizer, cfg, step)
+    # This step's rollouts, log Z dropout and mini-batch order: a resumed run replays them exactly.
+    torch.manual_seed(derived_seed(cfg.seed, step, "step", runtime.rank))
+    problems = run.data_rng.sample(run.train_problems, cfg.prompts_per_step)   # the same on every process
+    per_process = len(problems) // runtime.world_size
+    record, batch, update = training_step(run, problems[runtime.rank * per_process:(runtime.rank + 1) * per_process])
+    record = {"split": "train", "step": step + 1, "algo": cfg.algo, **record, **run.study.step_metrics(run, batch),
+              "lr": run.optimizer.param_groups[0]["lr"]}
+    rows = runtime.gather([rollout_rows(batch, update, cfg.group_size)]) if cfg.log_rollouts else []
+    if runtime.is_main:
+        log_lines(run.metrics_file, [record])
+        log_lines(run.rollouts_file, [{"step": step + 1, **row} for shard in rows for row in shard])
+    return record
 
 
 def evaluate_and_log(run: Run, step: int, show: int) -> dict:
     """evaluate() at `step`, its record appended to metrics.jsonl by the main process."""
-    record, run.step0_reference = evaluate(run.policy, run.tokenizer, run.held_out, run.probes, run.cfg, step,
-                                           run.reward_fn, run.runtime, run.step0_reference, show)
+    record = evaluate(run, step, show)
     log_lines(run.metrics_file, [record])
     return record
 
 
-def train(cfg: Config) -> dict:
-    """Run FlowRL (or GRPO) as configured, or with --steps 0 only evaluate: the first and last evaluations."""
+def train(cfg: Config, study: Optional[Study] = None) -> dict:
+    """Run FlowRL (or GRPO) as configured, or with --steps 0 only evaluate, with a study beside it if one is given:
+    the first and last evaluations."""
     validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     runtime = start_runtime(cfg.device, cfg.precision, cfg.timeout_minutes)
     if cfg.output_dir is None:
         cfg = dataclasses.replace(cfg, output_dir=os.path.join(
             "runs", f"{cfg.algo}-seed{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"))
     with run_folder_lock(cfg.output_dir, runtime):
-        run = Run(cfg, runtime)
+        run = start_run(cfg, runtime, study or Study())
         first_eval = last_eval = None
-        if runtime.is_main:   # only now, so that a model that fails to load leaves no empty folder
+        if runtime.is_main:   # only now, so that a model that fails to load leaves no log behind
             first_eval, last_eval = open_logs(run)
         if not run.checkpoint:
             first_eval = last_eval = evaluate_and_log(run, 0, cfg.show_examples)
-        progress = tqdm(range(run.start_step, cfg.steps), initial=run.start_step, total=cfg.steps,
-                        desc=cfg.algo, disable=not runtime.is_main)
+        progress = tqdm(range(run.start_step, cfg.steps), initial=run.start_step, total=cfg.steps, desc=cfg.algo,
+                        disable=not runtime.is_main)
         with StopOnSignal() as stop:
             for step in progress:
-                set_hyperparameters(run.optimizer, cfg, step)
-                # This step's rollouts, log Z dropout and mini-batch order: a resumed run replays them exactly.
-                torch.manual_seed(derived_seed(cfg.seed, step, "step", runtime.rank))
-                # the same prompts on every process, each takes its share
-                problems = run.data_rng.sample(run.train_problems, cfg.prompts_per_step)
-                share = len(problems) // runtime.world_size
-                record, rows = training_step(run.policy, run.reference, run.log_z_head, run.optimizer,
-                                             run.tokenizer, problems[runtime.rank * share:(runtime.rank + 1) * share],
-                                             cfg, run.reward_fn, runtime)
-                if cfg.log_rollouts:
-                    rows = [row for shard in runtime.gather([rows]) for row in shard]     # process 0's, 1's, ...
-                if runtime.is_main:
-                    log_lines(run.metrics_file, [{"split": "train", "step": step + 1, "algo": cfg.algo, **record,
-                                                  "lr": run.optimizer.param_groups[0]["lr"]}])
-                    log_lines(run.rollouts_file, [{"step": step + 1, **row} for row in rows])
-                progress.set_postfix(reward=f"{record['reward_mean']:.2f}", loss=f"{record['loss'] or 0.0:.3g}",
+                record = run_step(run, step)
+                progress.set_postfix(reward=f"{record['reward_mean']:.2f}", loss=f"{record.get('loss') or 0.0:.3g}",
                                      log_z=f"{record.get('log_z_mean') or 0.0:.2f}")
                 done = step + 1 == cfg.steps
                 if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and not done:
@@ -1007,39 +1176,41 @@ def problems_per_call(n: int, cfg: Config) -> int:
 
 
 @torch.no_grad()
-def sample_problems(model, tokenizer, problems: list[Problem], indices: list[int], n: int, cfg: Config,
-                    runtime: Runtime, seed_key: Optional[tuple] = None, **sampling):
-    """Yields (a batch of indices into problems, their Rollouts): n completions of each problems[i], i in indices,
-    as many problems a call as fill one training batch. With seed_key, problem i's samples come from the seed
-    (*seed_key, i): the same whichever process draws them and whatever else is in the call."""
-    chunk = problems_per_call(n, cfg)
+def sample_problems(run: Run, problems: list[Problem], indices: list[int], n: int, seed_key: Optional[tuple] = None,
+                    **sampling):
+    """Yields (a batch of indices into problems, their Rollouts): the policy's n completions of each problems[i], i
+    in indices, as many problems a call as fill one training batch. With seed_key, problem i's samples come from
+    the seed (*seed_key, i): the same whichever process draws them and whatever else is in the call."""
+    chunk = problems_per_call(n, run.cfg)
     for start in range(0, len(indices), chunk):
         batch = indices[start:start + chunk]
-        prompts = [format_prompt(tokenizer, problems[i].question) for i in batch]
+        prompts = [format_prompt(run.tokenizer, problems[i].question) for i in batch]
         seeds = [derived_seed(*seed_key, i) for i in batch] if seed_key else None
-        with runtime.autocast():
-            rollouts = sample_completions(model, tokenizer, prompts, n, cfg.max_new_tokens, seeds=seeds, **sampling)
+        with run.runtime.autocast():
+            rollouts = sample_completions(run.policy, run.tokenizer, prompts, n, run.cfg.max_new_tokens, seeds=seeds,
+                                          **sampling)
         yield batch, rollouts
 
 
-def accuracy_metrics(model, tokenizer, problems: list[Problem], cfg: Config, step: int, reward_fn,
-                     runtime: Runtime, progress=None) -> tuple[dict, list]:
-    """Greedy accuracy; pass@k for k = 1, 2, 4, ... from --eval-samples n samples at the evaluation temperature and
-    top-p (pass@1 is their mean accuracy: the paper's Avg@n); distinct completions and distinct-2; lengths. Each
-    process scores every world_size-th problem, problem i's samples from the seed (run seed, step, "eval_samples",
-    i). Returns (the metrics, each problem's row: its greedy and first sampled completion and their rewards)."""
+def accuracy_metrics(run: Run, step: int, progress=None) -> tuple[dict, list]:
+    """On the held-out problems: greedy accuracy; pass@k for k = 1, 2, 4, ... from --eval-samples n samples at the
+    evaluation temperature and top-p (pass@1 is their mean accuracy: the paper's Avg@n); distinct completions and
+    distinct-2; lengths. Each process scores every world_size-th problem, problem i's samples from the seed (run
+    seed, step, "eval_samples", i). Returns (the metrics, each problem's row: its greedy and first sampled
+    completion and their rewards)."""
+    cfg, problems, runtime, reward_fn = run.cfg, run.held_out, run.runtime, run.reward_fn
     indices = list(range(runtime.rank, len(problems), runtime.world_size))
     n = cfg.eval_samples
     rows = {}                                                     # problem index -> its row
-    for batch, rollouts in sample_problems(model, tokenizer, problems, indices, 1, cfg, runtime, greedy=True):
+    for batch, rollouts in sample_problems(run, problems, indices, 1, greedy=True):
         for i, text, length in zip(batch, rollouts.texts, rollouts.completion_mask.sum(-1).tolist()):
             rows[i] = {"greedy": text, "greedy_correct": reward_fn(text, problems[i].answer), "greedy_length": length}
         if progress is not None:
             progress.update()
-    for batch, rollouts in sample_problems(model, tokenizer, problems, indices, n, cfg, runtime,
-                                           (cfg.seed, step, "eval_samples"), temperature=cfg.eval_temperature,
-                                           top_p=cfg.eval_top_p, greedy=cfg.eval_temperature == 0):
-        rewards = score(rollouts.texts, [problems[i] for i in batch], n, reward_fn)
+    for batch, rollouts in sample_problems(run, problems, indices, n, (cfg.seed, step, "eval_samples"),
+                                           temperature=cfg.eval_temperature, top_p=cfg.eval_top_p,
+                                           greedy=cfg.eval_temperature == 0):
+        rewards = rewards_of(rollouts.texts, [problems[i] for i in batch], n, reward_fn)
         for g, i in enumerate(batch):
             group = slice(g * n, (g + 1) * n)
             texts, correct = rollouts.texts[group], rewards[group]
@@ -1067,39 +1238,28 @@ def accuracy_metrics(model, tokenizer, problems: list[Problem], cfg: Config, ste
     }, rows
 
 
-def evaluate(model, tokenizer, problems: list[Problem], probes: dict, cfg: Config, step: int, reward_fn,
-             runtime: Runtime, step0_reference: Optional[dict] = None, show: int = 0) -> tuple[dict, Optional[dict]]:
-    """One evaluation at `step`: accuracy_metrics on the held-out problems and, with --dist-prompts, the
-    answer_distribution on the probe questions (section 9); every process takes its share and all get the whole
-    record. Returns (the record, the step-0 reference of the answer distributions)."""
-    start = time.perf_counter()
-
-    def calls(count: int, n: int) -> int:      # sampling calls for this process's share of `count` problems
-        return -(-len(range(runtime.rank, count, runtime.world_size)) // problems_per_call(n, cfg))
-    total = calls(len(problems), 1) + calls(len(problems), cfg.eval_samples)
-    if any(probes.values()):    # the step-0 reference is a second draw of the answer distributions
-        total += (1 if step0_reference is not None else 2) * sum(
-            calls(min(len(p), dist_prompt_count(cfg)), cfg.dist_samples) for p in probes.values())
-    progress = tqdm(desc=f"evaluating step {step}", unit="batch", total=total, leave=False, disable=not runtime.is_main)
-    metrics, rows = accuracy_metrics(model, tokenizer, problems, cfg, step, reward_fn, runtime, progress)
-    record = {"split": "eval", "step": step, "algo": cfg.algo, **metrics}
-    record["examples"] = [{"question": p.question, "answer": p.answer, "greedy": row["greedy"],
-                           "sampled": row["sampled"]} for p, row in list(zip(problems, rows))[:show]]
-    if any(probes.values()):
-        distribution, step0_reference = answer_distribution(model, tokenizer, probes, cfg, step, reward_fn, runtime,
-                                                            step0_reference, progress)
-        record.update(distribution)
+def evaluate(run: Run, step: int, show: int = 0) -> dict:
+    """One evaluation at `step`: accuracy_metrics on the held-out problems, then the study's; every process takes
+    its share and all get the whole record. Prints the first `show` problems' completions."""
+    cfg, runtime, start = run.cfg, run.runtime, time.perf_counter()
+    calls = sum(-(-len(range(runtime.rank, len(run.held_out), runtime.world_size)) // problems_per_call(n, cfg))
+                for n in (1, cfg.eval_samples))                  # sampling calls for this process's share
+    progress = tqdm(desc=f"evaluating step {step}", unit="batch", total=calls, leave=False,
+                    disable=not runtime.is_main)
+    metrics, rows = accuracy_metrics(run, step, progress)
     progress.close()
+    examples = [{"question": p.question, "answer": p.answer, "greedy": row["greedy"], "sampled": row["sampled"]}
+                for p, row in list(zip(run.held_out, rows))[:show]]
+    record = {"split": "eval", "step": step, "algo": cfg.algo, **metrics, "examples": examples,
+              **run.study.evaluation_metrics(run, step)}
     record["eval_seconds"] = time.perf_counter() - start
     if show and runtime.is_main:
         print(f"\nHeld-out examples at step {step}:")
-        for example, row in zip(record["examples"], rows):
+        for example, row in zip(examples, rows):
             print(f"  Q: {example['question']}  (answer {example['answer']})\n"
                   f"     greedy  (reward {row['greedy_correct']:.0f}): {example['greedy'].strip()[:300]!r}\n"
                   f"     sampled (reward {row['sampled_correct']:.0f}): {example['sampled'].strip()[:300]!r}")
-        if record.get("histogram"):
-            print_histogram(record["histogram"], cfg.temperature, step)
-    return record, step0_reference
+    return record
 
 
 def print_summary(before: Optional[dict], after: Optional[dict]) -> None:
@@ -1119,342 +1279,7 @@ def print_summary(before: Optional[dict], after: Optional[dict]) -> None:
 
 
 # ==================================================================================================================
-# 9. The study's measurements: does the policy keep the spread of correct answers, and what did the loss do?
-# ==================================================================================================================
-def entropy(counts: dict) -> float:
-    """Plug-in entropy in nats of the distribution the counts give (0 for no or one answer).
-
-    >>> round(entropy({"3": 2, "7": 2}), 4), entropy({"3": 5}), entropy({})
-    (0.6931, 0.0, 0.0)
-    """
-    total = sum(counts.values())
-    return sum(c / total * math.log(total / c) for c in counts.values() if c) if total else 0.0
-
-
-def smoothed_kl(p_counts: dict, q_counts: dict, alpha: float = 0.5) -> Optional[float]:
-    """KL(p || q) in nats between two answer distributions given by counts. Both are smoothed by adding alpha
-    (1/2: Krichevsky-Trofimov) to the count of every answer seen in either, so an answer one sample has and
-    the other lacks costs a finite amount. None when either has no answers.
-
-    >>> smoothed_kl({"3": 4, "7": 4}, {"3": 4, "7": 4}), round(smoothed_kl({"3": 8}, {"7": 8}), 3)
-    (0.0, 2.518)
-    """
-    if not sum(p_counts.values()) or not sum(q_counts.values()):
-        return None
-    support = set(p_counts) | set(q_counts)
-    p_total, q_total = (sum(counts.values()) + alpha * len(support) for counts in (p_counts, q_counts))
-    p = {answer: (p_counts.get(answer, 0) + alpha) / p_total for answer in support}
-    return sum(p[answer] * math.log(p[answer] / ((q_counts.get(answer, 0) + alpha) / q_total)) for answer in support)
-
-
-def sample_answers(model, tokenizer, problems: list[Problem], indices: list[int], cfg: Config, seed_key: tuple,
-                   reward_fn, runtime: Runtime, progress=None) -> list[dict]:
-    """--dist-samples completions of each problems[i], i in indices, at the training temperature and top-p 1 (the
-    distribution training matches), problem i's from the seed (*seed_key, i); for each, how often each final
-    answer came, and each correct one."""
-    n = cfg.dist_samples
-    counted = []
-    for batch, rollouts in sample_problems(model, tokenizer, problems, indices, n, cfg, runtime, seed_key,
-                                           temperature=cfg.temperature):
-        rewards = score(rollouts.texts, [problems[i] for i in batch], n, reward_fn)
-        for g in range(len(batch)):
-            answers = [final_answer(text) or "(no answer)" for text in rollouts.texts[g * n:(g + 1) * n]]
-            correct = [answer for answer, r in zip(answers, rewards[g * n:(g + 1) * n]) if r == 1.0]
-            counted.append({"answers": dict(collections.Counter(answers)),
-                            "correct": dict(collections.Counter(correct))})
-        if progress is not None:
-            progress.update()
-    return counted
-
-
-@torch.no_grad()
-def answer_logprobs(model, tokenizer, problems: list[Problem], cfg: Config, runtime: Runtime) -> list[dict]:
-    """The exact log pi(y|x) (at the training temperature) of each correct answer of each pick problem, written as
-    the chat template frames a response: the bare number, then EOS (one phrasing; the sampled measures see all).
-    Scored, not sampled: a question's answers share one pass over its prompt (padded to one count by repeating the
-    last), --micro-batch-size questions a pass. Eq. 6's fixed point gives responses of equal length and reward
-    the same ratio pi_theta / pi_ref: their log-ratios spread as the policy leaves pi_ref's preferences."""
-    device = next(model.parameters()).device
-    answers = [problem.answer.split(", ") for problem in problems]
-    width = max(map(len, answers))                                                            # rows per question
-    prompts = tokenizer([format_prompt(tokenizer, problem.question) for problem in problems], return_tensors="pt",
-                        padding=True, add_special_tokens=False).to(device)                     # [P, L]
-    responses = [tokenizer(answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-                 for listed in answers for answer in listed + listed[-1:] * (width - len(listed))]
-    longest = max(map(len, responses))
-    completion_ids = torch.tensor([ids + [tokenizer.pad_token_id] * (longest - len(ids)) for ids in responses],
-                                  device=device)                                             # [P * width, T]
-    completion_mask = (torch.arange(longest, device=device) < torch.tensor([len(ids) for ids in responses],
-                                                                           device=device)[:, None]).long()
-    rollouts = Rollouts(
-        input_ids=torch.cat([prompts.input_ids.repeat_interleave(width, dim=0), completion_ids], 1),
-        attention_mask=torch.cat([prompts.attention_mask.repeat_interleave(width, dim=0), completion_mask], 1),
-        prompt_length=prompts.input_ids.shape[1], completion_mask=completion_mask,
-        truncated=torch.zeros(len(responses), dtype=torch.bool), texts=[""] * len(responses))
-    token_logprobs = batched_token_logprobs(model, rollouts, cfg.temperature, cfg.micro_batch_size * width, runtime,
-                                            group_size=width)
-    sequence = (token_logprobs * rollouts.completion_mask).sum(-1).view(len(problems), width).tolist()
-    return [dict(zip(listed, row)) for listed, row in zip(answers, sequence)]     # zip drops the padding
-
-
-def ratio_spread(logprobs: dict, ref_logprobs: dict) -> float:
-    """The standard deviation, over a prompt's correct answers, of log pi_theta(y|x) - log pi_ref(y|x).
-
-    >>> ratio_spread({"3": -1.0, "7": -2.0}, {"3": -1.5, "7": -2.5})    # both answers moved by +0.5: kept
-    0.0
-    >>> ratio_spread({"3": -1.0, "7": -3.0}, {"3": -2.0, "7": -2.0})    # "3" up by 1, "7" down by 1
-    1.0
-    """
-    return float(np.std([logprobs[answer] - ref_logprobs[answer] for answer in logprobs]))
-
-
-def answer_entropy(logprobs: dict) -> float:
-    """Entropy (nats) of the policy's distribution over a prompt's correct answers, exact: each answer's scored
-    log pi(y|x), renormalised over the correct answers. No sampling noise, and no bias from how many samples were
-    correct (a plug-in entropy from n samples reads about (K - 1) / 2n low, Miller-Madow).
-
-    >>> round(answer_entropy({"3": math.log(0.1), "7": math.log(0.1)}), 4), answer_entropy({"3": -2.0})
-    (0.6931, 0.0)
-    """
-    log_p = torch.tensor(list(logprobs.values()), dtype=torch.float64).log_softmax(0)
-    return float(-(log_p.exp() * log_p).sum()) + 0.0      # + 0.0: one answer gives 0.0, not -0.0
-
-
-def answer_kl(logprobs: dict, ref_logprobs: dict) -> float:
-    """KL(policy || pi_ref) between their distributions over a prompt's correct answers, exact, each renormalised
-    over those answers: 0 when every correct answer has the same log-ratio log pi_theta / pi_ref.
-
-    >>> answer_kl({"3": -1.0, "7": -2.0}, {"3": -1.5, "7": -2.5})    # both moved by +0.5: pi_ref's preferences kept
-    0.0
-    >>> round(answer_kl({"3": -0.1, "7": -5.0}, {"3": -1.0, "7": -1.0}), 2)
-    0.65
-    """
-    answers = list(ref_logprobs)
-    log_p = torch.tensor([logprobs[a] for a in answers], dtype=torch.float64).log_softmax(0)
-    log_q = torch.tensor([ref_logprobs[a] for a in answers], dtype=torch.float64).log_softmax(0)
-    return float((log_p.exp() * (log_p - log_q)).sum())
-
-
-def with_intervals(per_question: dict[str, list], prefix: str) -> dict:
-    """For each list of per-question values, {prefix_name: the mean, prefix_name_ci95: the half-width of its 95%
-    confidence interval, 1.96 sample sd / sqrt(n)} (the normal approximation); None where there are too few.
-
-    >>> {k: round(v, 4) for k, v in with_intervals({"x": [1.0, 2.0, 3.0]}, "held_out").items()}
-    {'held_out_x': 2.0, 'held_out_x_ci95': 1.1316}
-    """
-    metrics = {}
-    for name, values in per_question.items():
-        metrics[f"{prefix}_{name}"] = float(np.mean(values)) if values else None
-        metrics[f"{prefix}_{name}_ci95"] = 1.96 * float(np.std(values, ddof=1)) / math.sqrt(len(values)) \
-            if len(values) > 1 else None
-    return metrics
-
-
-def distribution_metrics(counted: list[dict], reference: list[dict], prefix: str) -> dict:
-    """The sampled measures, means over questions with their 95% intervals: validity, distinct correct answers,
-    entropy of the correct-answer distribution, and its smoothed KL to the step-0 model's (`reference`; questions
-    where either has no correct answer skipped: `kl_prompts` counts the others)."""
-    kls = [smoothed_kl(now["correct"], then["correct"]) for now, then in zip(counted, reference)]
-    kls = [kl for kl in kls if kl is not None]
-    n = sum(counted[0]["answers"].values())
-    return {**with_intervals({"validity": [sum(c["correct"].values()) / n for c in counted],
-                              "distinct_correct": [len(c["correct"]) for c in counted],
-                              "entropy": [entropy(c["correct"]) for c in counted],
-                              "kl_to_step0": kls}, prefix),
-            f"{prefix}_kl_prompts": len(kls), f"{prefix}_sampled_questions": len(counted)}
-
-
-def exact_metrics(logprobs: list[dict], ref_logprobs: list[dict], prefix: str) -> dict:
-    """The exact measures (pick task), means over questions with their 95% intervals: the ratio spread, and the
-    entropy of the correct-answer distribution and its KL to pi_ref's, from scored log-probs."""
-    pairs = list(zip(logprobs, ref_logprobs))
-    return {**with_intervals({"ratio_spread": [ratio_spread(now, then) for now, then in pairs],
-                              "exact_entropy": [answer_entropy(now) for now in logprobs],
-                              "exact_kl_to_step0": [answer_kl(now, then) for now, then in pairs]}, prefix),
-            f"{prefix}_exact_questions": len(pairs)}
-
-
-def exact_measures(cfg: Config) -> bool:
-    """Whether the correct answers can be listed and scored exactly: the built-in pick task."""
-    return cfg.task == "pick" and cfg.data is None
-
-
-def question_lists(probes: dict) -> dict:
-    return {name: [problem.question for problem in problems] for name, problems in probes.items()}
-
-
-def probe_questions(cfg: Config, train_problems: list[Problem], held_out: list[Problem]) -> dict:
-    """The fixed questions of the answer-distribution measures, the first of the (seed-independent) split: on the
-    pick task every held-out question and as many training questions, of which the first --dist-prompts are also
-    sampled; elsewhere the --dist-prompts sampled ones. Empty with --dist-prompts 0."""
-    count = dist_prompt_count(cfg)
-    if count and exact_measures(cfg):
-        count = max(count, len(held_out))
-    return {"held_out": held_out[:count], "train": train_problems[:count]}
-
-
-def answer_distribution(model, tokenizer, probes: dict, cfg: Config, step: int, reward_fn, runtime: Runtime,
-                        step0_reference: Optional[dict], progress=None) -> tuple[dict, dict]:
-    """On each list of probe questions (held-out, train): the sampled measures on the first --dist-prompts against
-    the step-0 reference, and on the pick task the exact ones on all. Every draw has its own seed: the reference
-    (run seed, 0, "reference/...", question), this step's (run seed, step, "answers/...", question). The first
-    evaluation draws the reference too; its own sample, a second draw of one model, is the KL's noise floor.
-    Returns (the metrics, the step-0 reference)."""
-    exact, sampled = exact_measures(cfg), dist_prompt_count(cfg)
-
-    def answers_of(problems: list[Problem], seed_key: tuple) -> list[dict]:     # this process's share, gathered
-        indices = list(range(runtime.rank, min(len(problems), sampled), runtime.world_size))
-        return runtime.gather(sample_answers(model, tokenizer, problems, indices, cfg, seed_key, reward_fn, runtime,
-                                             progress))
-
-    def logprobs_of(problems: list[Problem]) -> Optional[list[dict]]:
-        return answer_logprobs(model, tokenizer, problems, cfg, runtime) if exact else None
-
-    if step0_reference is None:
-        step0_reference = {"answers": {name: answers_of(problems, (cfg.seed, 0, f"reference/{name}"))
-                                       for name, problems in probes.items()},
-                           "logprobs": {name: logprobs_of(problems) for name, problems in probes.items()},
-                           "questions": question_lists(probes)}
-    metrics, histogram = {}, None
-    for name, problems in probes.items():
-        counted = answers_of(problems, (cfg.seed, step, f"answers/{name}"))
-        metrics.update(distribution_metrics(counted, step0_reference["answers"][name], name))
-        logprobs, ref_logprobs = logprobs_of(problems), step0_reference["logprobs"][name]
-        if exact:
-            metrics.update(exact_metrics(logprobs, ref_logprobs, name))
-        if name == "train":
-            histogram = {"question": problems[0].question, **counted[0]}
-            if exact:
-                histogram["log_ratio"] = {a: logprobs[0][a] - ref_logprobs[0][a] for a in logprobs[0]}
-    return {**metrics, "dist_samples": cfg.dist_samples, "histogram": histogram}, step0_reference
-
-
-def print_histogram(counted: dict, temperature: float, step: int) -> None:
-    """A text histogram of one prompt's final answers (* marks a correct one), with the exact log-ratio
-    log pi_theta(y|x) - log pi_ref(y|x) of each correct answer when there is one."""
-    n = sum(counted["answers"].values())
-    log_ratio = counted.get("log_ratio") or {}
-    print(f"\nAnswers to {counted['question']!r}: {n} samples at T={temperature}, step {step} (* = correct"
-          + (", then log pi_theta/pi_ref of the bare answer" if log_ratio else "") + ")")
-    for answer, count in sorted(counted["answers"].items(), key=lambda item: (-item[1], item[0])):
-        mark = "*" if answer in counted["correct"] else " "
-        ratio = f"  ({log_ratio[answer]:+.2f})" if answer in log_ratio else ""
-        print(f"  {mark} {answer:>12.12}  {'#' * count} {count}{ratio}")
-
-
-def loss_diagnostics(rewards: torch.Tensor, residual: torch.Tensor, log_z: torch.Tensor, reward_hat: torch.Tensor,
-                     beta: float, group_size: int) -> dict[str, float]:
-    """What the loss did on this batch, as sums over this process's groups (step_record makes them means), from
-    tensors the step already has. rewards, residual, log_z, reward_hat: [B], groups of G contiguous; residual and
-    log_z NaN where a sequence was not in FlowRL's loss (GRPO: all NaN). Over the groups in the loss:
-    - the residual split into its group means (what log Z should absorb; `log_z_target` would zero them) and the
-      part within groups, which only the policy can remove. Within groups it equals beta r_hat while the policy's
-      log-ratios to pi_ref are all equal (the loss then acts as a policy gradient on r_hat), and 0 at the target.
-    - Eq. 6's (normalised) log-ratio to pi_ref within groups: its size, and its covariance with beta r_hat, whose
-      ratio to beta_reward_hat_sq is the slope of the log-ratio on beta r_hat: 0 before the policy moves towards
-      the target, 1 at it.
-
-    >>> d = loss_diagnostics(torch.tensor([1., 0, 1, 1]), torch.tensor([1., -1, 0.5, 0.5]), torch.zeros(4),
-    ...                      torch.tensor([.7, -.7, 0, 0]), 1.0, 2)
-    >>> d["equal_reward_groups"], d["residual_group_mean_sq"], d["residual_within_sq"], d["log_z_target"]
-    (1.0, 0.25, 2.0, -0.5)
-    >>> round(d["log_ratio_reward_cov"] / d["beta_reward_hat_sq"], 2)    # log-ratios +-1.7 for beta r_hat +-0.7
-    2.43
-    """
-    equal = equal_reward_groups(rewards, group_size)                                      # [groups]
-    diagnostics = {"groups": float(len(equal)), "equal_reward_groups": float(equal.sum())}
-    residual = residual.view(-1, group_size)
-    in_loss = ~residual.isnan().any(-1)                                                   # [groups]
-    if not in_loss.any():                                                                 # GRPO, or none in the loss
-        return diagnostics
-    residual, log_z = residual[in_loss], log_z.view(-1, group_size)[in_loss]               # [groups in loss, G]
-    beta_reward_hat = beta * reward_hat.view(-1, group_size)[in_loss]
-    group_mean = residual.mean(-1, keepdim=True)                                          # [groups in loss, 1]
-    log_ratio = residual - log_z + beta_reward_hat               # as residual = log Z + log-ratio - beta r_hat
-    log_ratio_within = log_ratio - log_ratio.mean(-1, keepdim=True)    # r_hat already has group mean 0 (Eq. 5)
-    diagnostics.update({
-        "groups_in_loss": in_loss.sum().item(),
-        "residual_group_mean_sq": group_mean.pow(2).sum().item(),
-        "residual_within_sq": (residual - group_mean).pow(2).sum().item(),
-        "beta_reward_hat_sq": beta_reward_hat.pow(2).sum().item(),
-        "log_ratio_within_sq": log_ratio_within.pow(2).sum().item(),
-        "log_ratio_reward_cov": (log_ratio_within * beta_reward_hat).sum().item(),
-        "log_z_target": (log_z.mean(-1) - group_mean.squeeze(-1)).sum().item(),
-    })
-    return diagnostics
-
-
-RARE_SHARE = 0.1   # a correct answer pi_ref rarely samples: under this share of its probability over the correct ones
-
-
-def rollout_coverage(reference, tokenizer, problems: list[Problem], texts: list[str], cfg: Config,
-                     runtime: Runtime) -> dict[str, float]:
-    """Which correct answers a step's rollouts reached (pick task), summed over this process's groups: the distinct
-    correct final answers of each group, and `rare_correct`, the rollouts whose answer is correct and holds under
-    RARE_SHARE of pi_ref's probability over the question's correct answers (the bare answers scored exactly by
-    answer_logprobs; not counted without a reference model): what exploration should add."""
-    G, distinct, rare = cfg.group_size, 0, 0
-    ref_logprobs = answer_logprobs(reference, tokenizer, problems, cfg, runtime) if reference is not None else None
-    for g in range(len(problems)):
-        group = slice(g * G, (g + 1) * G)
-        correct = set(problems[g].answer.split(", "))      # the answers pick_reward and answer_logprobs take
-        answers = [answer for answer in map(final_answer, texts[group]) if answer in correct]
-        distinct += len(set(answers))
-        if ref_logprobs is not None:
-            share = dict(zip(ref_logprobs[g], torch.tensor(list(ref_logprobs[g].values()), dtype=torch.float64)
-                             .softmax(0).tolist()))
-            rare += sum(share[answer] < RARE_SHARE for answer in answers)
-    return {"distinct_correct": float(distinct), **({"rare_correct": float(rare)} if reference is not None else {})}
-
-
-def step_record(rollouts: Rollouts, rewards: torch.Tensor, in_loss: int, sums: dict, updates: dict,
-                diagnostics: dict, cfg: Config, runtime: Runtime, seconds: dict) -> dict:
-    """A training step's metrics: this process's sums (the batch, the loss's stats, loss_diagnostics,
-    rollout_coverage) added up over processes and divided by what each is a mean over, the gradient norms averaged
-    over the step's updates, timings and memory. README.md ("What a run logs") describes every key."""
-    generated_tokens = int(rollouts.completion_mask.sum())
-    totals = runtime.sum({
-        **sums, **diagnostics, "sequences": len(rollouts.texts), "sequences_in_loss": in_loss,
-        "reward": rewards.sum().item(), "correct": (rewards == 1.0).sum().item(),
-        "generated_tokens": generated_tokens, "truncated": rollouts.truncated.sum().item()})
-    sequences, in_loss = totals.pop("sequences"), totals.pop("sequences_in_loss")
-    groups, flowrl_groups = totals.pop("groups"), totals.pop("groups_in_loss", 0.0)
-    flowrl_sequences = flowrl_groups * cfg.group_size
-
-    def ratio(numerator: str, denominator: float, root: bool = False) -> Optional[float]:
-        value = totals.pop(numerator, 0.0)
-        return None if not denominator else math.sqrt(value / denominator) if root else value / denominator
-
-    made, beta_reward_hat_sq = updates.pop("updates"), totals.get("beta_reward_hat_sq", 0.0)
-    return {
-        "reward_mean": totals.pop("reward") / sequences, "accuracy": totals.pop("correct") / sequences,
-        "response_length_mean": totals.pop("generated_tokens") / sequences,
-        "truncated_frac": totals.pop("truncated") / sequences,
-        "equal_reward_group_frac": ratio("equal_reward_groups", groups),
-        **({"distinct_correct_per_group": ratio("distinct_correct", groups),
-            "rare_correct_frac": ratio("rare_correct", sequences) if "rare_correct" in totals else None}
-           if exact_measures(cfg) else {}),
-        "in_loss_frac": in_loss / sequences,
-        **({"residual_group_mean_rms": ratio("residual_group_mean_sq", flowrl_groups, root=True),
-            "residual_within_rms": ratio("residual_within_sq", flowrl_sequences, root=True),
-            "log_ratio_within_rms": ratio("log_ratio_within_sq", flowrl_sequences, root=True),
-            "log_ratio_slope": ratio("log_ratio_reward_cov", beta_reward_hat_sq),
-            "beta_reward_hat_rms": ratio("beta_reward_hat_sq", flowrl_sequences, root=True),
-            "log_z_target_mean": ratio("log_z_target", flowrl_groups)} if cfg.algo == "flowrl" else {}),
-        "updates": int(made), "skipped_updates": int(updates.pop("skipped_updates")),
-        **{name: value / made if made else None for name, value in updates.items()
-           if name != "grad_norm_log_z" or (cfg.algo == "flowrl" and cfg.log_z == "head")},
-        **{name: value / in_loss if in_loss else None for name, value in totals.items()},
-        "step_seconds": seconds["step"], "generation_seconds": seconds["generation"], "train_seconds": seconds["train"],
-        "generation_tokens_per_s": generated_tokens / seconds["generation"],
-        "train_tokens_per_s": int(rollouts.attention_mask.sum()) / seconds["train"],  # padding excluded
-        "peak_memory_mb": (torch.cuda.max_memory_allocated(runtime.device) / 2**20 if runtime.device.type == "cuda"
-                           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),      # Linux: KiB
-    }
-
-
-# ==================================================================================================================
-# 10. Plumbing: processes and devices, memory, signals, model loading, checkpoints and logs
+# 9. Plumbing: processes and devices, memory, signals, model loading, checkpoints and logs
 # ==================================================================================================================
 @dataclass(frozen=True)
 class Runtime:
@@ -1780,7 +1605,7 @@ def save_checkpoint(run: Run, step: int) -> str:
         if run.log_z_head is not None:
             torch.save(run.log_z_head.state_dict(), os.path.join(temporary, "log_z_head.pt"))
         torch.save({"step": step, "config": dataclasses.asdict(run.cfg), "optimizer": run.optimizer.state_dict(),
-                    "data_rng": run.data_rng.getstate(), "step0_reference": run.step0_reference},
+                    "data_rng": run.data_rng.getstate(), "study": run.study.state_dict()},
                    os.path.join(temporary, "trainer_state.pt"))
         sync_to_disk(temporary)   # the files' contents on disk before any rename makes them the checkpoint
     except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
@@ -1869,7 +1694,7 @@ def drop_rows_after(path: str, step: int) -> list[dict]:
 
 
 # ==================================================================================================================
-# 11. Config, validation and the command line
+# 10. Config, validation and the command line
 # ==================================================================================================================
 def option(default, help_text: str):
     """A Config field: its default and its --help text."""
@@ -1937,9 +1762,6 @@ class Config:
     pass_k: int = option(4, "pass@k is logged for k = 1, 2, 4, ... up to --eval-samples, and this k")
     eval_temperature: float = option(0.6, "sampling temperature at eval (paper: 0.6); 0: greedy")
     eval_top_p: float = option(0.95, "top-p at eval (paper: 0.95)")
-    dist_prompts: Optional[int] = option(None, "answer distributions sampled on this many held-out and training "
-                                         "prompts (pick: exact ones on all held-out); default 16 for pick, else 0")
-    dist_samples: int = option(32, "samples per prompt for the answer distributions, at --temperature, top-p 1")
     show_examples: int = option(3, "held-out completions printed before and after")
     # output
     output_dir: Optional[str] = option(None, "run folder (default runs/ALGO-seedN-TIME)")
@@ -1948,13 +1770,6 @@ class Config:
     log_rollouts: bool = option(False, "write rollouts.jsonl: one line per completion")
     device: str = option("auto", "auto, cpu or cuda (under torchrun: each rank's GPU)")
     timeout_minutes: float = option(30.0, "torchrun: how long a process waits for the others (a step, a save)")
-
-
-def dist_prompt_count(cfg: Config) -> int:
-    """--dist-prompts, or its default for the task."""
-    if cfg.dist_prompts is not None:
-        return cfg.dist_prompts
-    return 16 if cfg.task == "pick" and cfg.data is None else 0
 
 
 class UsageError(ValueError):
@@ -2031,8 +1846,6 @@ def validate(cfg: Config, world_size: int = 1) -> None:
               f"must be between 1 and --eval-samples ({cfg.eval_samples})")
     number("eval_temperature", 0, why="0: greedy decoding")
     number("eval_top_p", 0, 1, low_open=True)
-    check("dist_prompts", cfg.dist_prompts is None or cfg.dist_prompts >= 0, "must be >= 0 (0: off)")
-    check("dist_samples", cfg.dist_samples >= 2, "must be >= 2")
     check("save_every", cfg.save_every >= 0, "must be >= 0 (0: at the end only)")
     number("timeout_minutes", 0, low_open=True)
     if problems:
@@ -2067,14 +1880,13 @@ def config_from_argv(argv: Optional[list] = None) -> Config:
     return Config(**given)
 
 
-def main(argv: Optional[list] = None) -> None:
+def main(argv: Optional[list] = None, study: Optional[Study] = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import transformers
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     try:
-        cfg = config_from_argv(argv)
-        train(cfg)
+        train(config_from_argv(argv), study)
     except UsageError as error:      # argparse's convention: a usage error exits with 2
         print("\n".join(f"error: {problem}" for problem in str(error).splitlines()), file=sys.stderr)
         raise SystemExit(2) from None

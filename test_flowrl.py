@@ -7,6 +7,7 @@ import math
 import os
 import re
 import shutil
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be downloaded during the tests
 
@@ -15,6 +16,8 @@ import pytest
 import torch
 
 import flowrl
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench"))
+import pick_study  # noqa: E402  (bench/pick_study.py: the pick study's measurements, through flowrl's Study hook)
 from flowrl import (Config, LogZHead, Runtime, completion_mask_from_ids, distinct_n, extract_answer, flowrl_loss,
                     group_normalize, grpo_loss, math_reward, pass_at_k, token_logprobs_and_log_z)
 
@@ -190,6 +193,8 @@ def test_docstring_examples_hold():
     import doctest
     result = doctest.testmod(flowrl)
     assert result.attempted > 10 and result.failed == 0
+    result = doctest.testmod(pick_study)
+    assert result.attempted > 5 and result.failed == 0
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -512,7 +517,7 @@ def test_shared_prompt_pass_equals_one_pass_per_row(tiny):
         model.zero_grad()
         head.zero_grad()
         logprobs, log_z = token_logprobs_and_log_z(model, rollouts.input_ids, rollouts.attention_mask,
-                                                   rollouts.prompt_length, 1.0, head, group_size=group_size)
+                                                   rollouts.prompt_length, 1.0, head, rows_per_prompt=group_size)
         ((logprobs * rollouts.completion_mask).sum() + log_z.pow(2).sum()).backward()
         results.append((logprobs.detach(), log_z.detach(), model.lm_head.weight.grad.clone(),
                         head.mlp[0].weight.grad.clone()))
@@ -574,8 +579,9 @@ def test_evaluation_keeps_the_pass_at_k_curve_up_to_the_number_of_samples(tiny_m
     model, tokenizer = flowrl.load_model_and_tokenizer(tiny_model_dir)
     cfg = tiny_config(tiny_model_dir, tmp_path, eval_samples=8, pass_k=3, max_new_tokens=3, eval_size=6)
     held_out = flowrl.load_problems(cfg)[1]
-    metrics, rows = flowrl.accuracy_metrics(model, tokenizer, held_out, cfg, 0,
-                                            lambda completion, answer: float(len(completion) % 2), LOCAL)
+    run = flowrl.Run(cfg, LOCAL, model, tokenizer, held_out=held_out,
+                     reward_fn=lambda completion, answer: float(len(completion) % 2))
+    metrics, rows = flowrl.accuracy_metrics(run, 0)
     assert any(0 < row["correct"] < 8 for row in rows)     # pass@k differs from pass@1 only for such problems
     ks = sorted(int(key.split("@")[1]) for key in metrics if key.startswith("pass@"))
     assert ks == [1, 2, 3, 4, 8]
@@ -741,16 +747,17 @@ def test_end_to_end_train_checkpoint_resume(tiny_model_dir, tmp_path, monkeypatc
 
 def test_how_often_a_run_evaluates_changes_neither_its_training_nor_its_evaluations(tiny_model_dir, tmp_path,
                                                                                       monkeypatch):
-    """--eval-every 1 and 2 on the pick task with exploration: the same training records at every step and the
-    same evaluation records at steps 0, 2 and 4, so runs that evaluate at different intervals share their curves."""
+    """--eval-every 1 and 2 on the pick task with exploration and the pick study: the same training records at every
+    step and the same evaluation records at steps 0, 2 and 4, so runs that evaluate at different intervals share
+    their curves."""
     monkeypatch.setattr(flowrl, "reward_function", lambda cfg: lambda completion, answer: float(len(completion) % 2))
     timing = {"step_seconds", "generation_seconds", "train_seconds", "generation_tokens_per_s", "train_tokens_per_s",
               "peak_memory_mb", "eval_seconds"}
     runs = {}
     for every in (1, 2):
         cfg = tiny_config(tiny_model_dir, tmp_path / f"every{every}", steps=4, eval_every=every, task="pick",
-                          max_new_tokens=3, dist_prompts=2, dist_samples=4, eval_size=4, explore_temperature=2.0)
-        flowrl.train(cfg)
+                          max_new_tokens=3, eval_size=4, explore_temperature=2.0)
+        flowrl.train(cfg, pick_study.AnswerStudy(prompts=2, samples=4))
         runs[every] = [{k: v for k, v in r.items() if k not in timing} for r in read_metrics(cfg.output_dir)]
     train_every1, train_every2 = ([r for r in runs[every] if r["split"] == "train"] for every in (1, 2))
     assert len(train_every1) == 4 and train_every1 == train_every2
@@ -858,7 +865,7 @@ BAD_FLAGS = [
     ("--eval-top-p", "0"), ("--eval-top-p", "1.5"), ("--group-size", "1"), ("--prompts-per-step", "0"),
     ("--max-new-tokens", "0"), ("--steps", "-1"), ("--seed", "-1"), ("--warmup-steps", "-1"),
     ("--updates-per-batch", "5"), ("--micro-batch-size", "0"), ("--eval-size", "0"), ("--eval-every", "-1"),
-    ("--eval-samples", "0"), ("--pass-k", "5"), ("--dist-prompts", "-1"), ("--dist-samples", "1"),
+    ("--eval-samples", "0"), ("--pass-k", "5"),
     ("--show-examples", "-1"), ("--save-every", "-1"), ("--timeout-minutes", "0"), ("--algo", "ppo"),
     ("--log-z", "learned"), ("--task", "sort"), ("--precision", "fp16"), ("--device", "tpu"),
     ("--operations", "/"), ("--max-operand", "-1"), ("--explore-temperature", "0"),
@@ -867,7 +874,7 @@ GOOD_EDGES = [
     ("--clip-eps", "0.999"), ("--beta", "1e-3"), ("--lr", "0"), ("--log-z-lr", "0"), ("--weight-decay", "0"),
     ("--kl-coef", "0"), ("--steps", "0"), ("--eval-temperature", "0"), ("--eval-top-p", "1"), ("--group-size", "2"),
     ("--pass-k", "4"), ("--updates-per-batch", "4"), ("--warmup-steps", "0"), ("--eval-every", "0"),
-    ("--save-every", "0"), ("--dist-prompts", "0"), ("--seed", "0"), ("--max-operand", "0"), ("--device", "cuda:1"),
+    ("--save-every", "0"), ("--seed", "0"), ("--max-operand", "0"), ("--device", "cuda:1"),
     ("--log-z", "none"), ("--explore-temperature", "2")]
 
 
@@ -1066,7 +1073,7 @@ def test_explored_rollouts_follow_the_explore_temperature_and_the_loss_scores_th
     monkeypatch.setattr(flowrl, f"{algo}_loss", loss_and_keep)
     torch.manual_seed(0)
     problems = flowrl.load_problems(cfg)[0][:2]
-    flowrl.training_step(model, reference, head, optimizer, tokenizer, problems, cfg, flowrl.math_reward, LOCAL)
+    flowrl.training_step(flowrl.Run(cfg, LOCAL, model, tokenizer, optimizer, reference, head), problems)
     monkeypatch.undo()
     rollouts, prompt_length = sampled[0], sampled[0].prompt_length
     mask = torch.cat([rollouts.attention_mask[:, :prompt_length],
@@ -1202,18 +1209,20 @@ def test_qwen_architecture_trains_saves_and_resumes_through_the_cli(monkeypatch,
     output_dir = str(tmp_path / "qwen")
     flags = ["--model", tiny_qwen_dir, "--output-dir", output_dir, "--prompts-per-step", "2", "--group-size", "4",
              "--max-new-tokens", "6", "--micro-batch-size", "3", "--operations", "+", "--max-operand", "3",
-             "--eval-size", "4", "--eval-samples", "2", "--pass-k", "2", "--dist-prompts", "1", "--dist-samples", "4",
-             "--show-examples", "0", "--lr", "1e-3", "--updates-per-batch", "2"]
-    flowrl.main(flags + ["--steps", "1"])
+             "--eval-size", "4", "--eval-samples", "2", "--pass-k", "2", "--answer-prompts", "1",
+             "--answer-samples", "4", "--show-examples", "0", "--lr", "1e-3", "--updates-per-batch", "2"]
+    pick_study.main(flags + ["--steps", "1"])
     saved = os.path.join(output_dir, "checkpoint")
-    step0_reference = torch.load(os.path.join(saved, "trainer_state.pt"), weights_only=False)["step0_reference"]
-    flowrl.main(["--resume", output_dir, "--steps", "2"])
+    step0_answers = torch.load(os.path.join(saved, "trainer_state.pt"), weights_only=False)["study"]["step0_answers"]
+    pick_study.main(["--resume", output_dir, "--steps", "2"])
     # the resumed run compares against the same step-0 answer counts
-    assert torch.load(os.path.join(saved, "trainer_state.pt"), weights_only=False)["step0_reference"] == step0_reference
-    assert step0_reference["answers"]["train"] and step0_reference["logprobs"]["train"] is None   # not the pick task
+    state = torch.load(os.path.join(saved, "trainer_state.pt"), weights_only=False)
+    assert state["study"] == {"step0_answers": step0_answers, "answer_prompts": 1, "answer_samples": 4}
+    assert step0_answers["answers"]["train"] and step0_answers["logprobs"]["train"] is None   # not the pick task
     records = read_metrics(output_dir)
     assert [r["step"] for r in records if r["split"] == "train"] == [1, 2]
     assert all(math.isfinite(r["loss"]) and r["skipped_updates"] == 0 for r in records if r["split"] == "train")
+    assert all(r["train_sampled_questions"] == 1 for r in records if r["split"] == "eval")
     assert torch.load(os.path.join(saved, "trainer_state.pt"), weights_only=False)["step"] == 2
     reloaded, _ = flowrl.load_model_and_tokenizer(saved)
     assert type(reloaded).__name__ == "Qwen2ForCausalLM"
@@ -1254,6 +1263,16 @@ def update_setup(tiny_model_dir, algo="flowrl"):
     return policy, head, optimizer, cfg
 
 
+def update(setup, rollouts, reward_hat, ref_logprobs, trained_groups=None, runtime=LOCAL):
+    """flowrl.policy_update with update_setup's (policy, head, optimizer, cfg) on a batch of rollouts, their r_hat
+    and reference log-probs: the Update."""
+    policy, head, optimizer, cfg = setup
+    if trained_groups is None:
+        trained_groups = torch.arange(len(reward_hat) // cfg.group_size)
+    batch = flowrl.Batch([], rollouts, reward_hat, reward_hat, trained_groups, ref_logprobs)
+    return flowrl.policy_update(flowrl.Run(cfg, runtime, policy, None, optimizer, log_z_head=head), batch)
+
+
 def parameters_of(policy, head):
     return [p.detach().clone() for p in list(policy.parameters()) + (list(head.parameters()) if head else [])]
 
@@ -1275,10 +1294,9 @@ def distributed_update_worker(rank, world_size, port, tiny_model_dir, batch_path
     runtime, (rollouts, reward_hat, ref_logprobs) = joined_worker_share(rank, world_size, port, tiny_model_dir,
                                                                         batch_path)
     rank = runtime.rank
-    policy, head, optimizer, cfg = update_setup(tiny_model_dir)
+    policy, head, optimizer, cfg = setup = update_setup(tiny_model_dir)
     trained = torch.tensor([], dtype=torch.long) if rank == left_out_rank else None
-    flowrl.policy_update(policy, head, optimizer, rollouts, reward_hat, ref_logprobs, None, cfg, runtime,
-                         trained)
+    update(setup, rollouts, reward_hat, ref_logprobs, trained, runtime)
     if rank == 0:
         torch.save({"policy": policy.state_dict(), "head": head.state_dict()}, result_path)
     flowrl.dist.destroy_process_group()
@@ -1321,11 +1339,10 @@ def test_two_processes_make_the_same_update_as_one(tiny, tiny_model_dir, tmp_pat
     batch_path = tmp_path / "batch.pt"
     torch.save(batch, batch_path)
 
-    policy, head, optimizer, cfg = update_setup(tiny_model_dir)
+    policy, head, optimizer, cfg = setup = update_setup(tiny_model_dir)
     before = {name: p.detach().clone() for name, p in policy.named_parameters()}
     trained = torch.tensor([1]) if left_out_rank == 0 else None
-    flowrl.policy_update(policy, head, optimizer, rollouts, batch["reward_hat"], batch["ref_logprobs"], None, cfg,
-                         LOCAL, trained_groups=trained)
+    update(setup, rollouts, batch["reward_hat"], batch["ref_logprobs"], trained)
 
     port = free_port()
     torch.multiprocessing.spawn(distributed_update_worker, nprocs=2,
@@ -1354,9 +1371,9 @@ def test_micro_batch_size_does_not_change_the_update(tiny, tiny_model_dir, algo)
     ref_logprobs = flowrl.batched_token_logprobs(model, rollouts, 1.0, 12, LOCAL) - 0.1
     updated = {}
     for micro_batch_size in (12, 8, 4, 3, 2, 1):
-        policy, head, optimizer, cfg = update_setup(tiny_model_dir, algo)
+        policy, head, optimizer, cfg = setup = update_setup(tiny_model_dir, algo)
         cfg.micro_batch_size = micro_batch_size
-        flowrl.policy_update(policy, head, optimizer, rollouts, reward_hat, ref_logprobs, None, cfg, LOCAL)
+        update(setup, rollouts, reward_hat, ref_logprobs)
         updated[micro_batch_size] = parameters_of(policy, head)
     initial = parameters_of(*update_setup(tiny_model_dir, algo)[:2])
     assert not torch.equal(updated[12][0], initial[0]) and not torch.equal(updated[12][-1], initial[-1])
@@ -1373,21 +1390,18 @@ def test_a_group_left_out_of_the_loss_contributes_neither_loss_nor_gradient(tiny
     for rollouts, reward_hat, ref_logprobs, trained in (
             (batch["rollouts"], batch["reward_hat"], batch["ref_logprobs"], torch.tensor([0])),
             (rows_of(batch["rollouts"], slice(0, 4)), batch["reward_hat"][:4], batch["ref_logprobs"][:4], None)):
-        policy, head, optimizer, cfg = update_setup(tiny_model_dir, algo)
-        sums, updates, per_sequence = flowrl.policy_update(policy, head, optimizer, rollouts, reward_hat, ref_logprobs,
-                                                           None, cfg, LOCAL, trained_groups=trained)
-        results.append((sums, updates, parameters_of(policy, head), per_sequence["residual"]))
-    (left_out, left_out_updates, left_out_parameters, residual), (alone, _, alone_parameters, _) = results
-    assert left_out["loss"] == pytest.approx(alone["loss"], rel=1e-6) and left_out_updates["updates"] == 1
+        policy, head, optimizer, cfg = setup = update_setup(tiny_model_dir, algo)
+        done = update(setup, rollouts, reward_hat, ref_logprobs, trained)
+        results.append((done, parameters_of(policy, head), done.per_sequence["residual"]))
+    (left_out, left_out_parameters, residual), (alone, alone_parameters, _) = results
+    assert left_out.loss_sums["loss"] == pytest.approx(alone.loss_sums["loss"], rel=1e-6) and left_out.updates == 1
     for a, b in zip(left_out_parameters, alone_parameters):
         assert torch.allclose(a, b, atol=1e-6)
     if algo == "flowrl":
         assert residual[4:].isnan().all() and not residual[:4].isnan().any()   # left out: no residual logged
-    policy, head, optimizer, cfg = update_setup(tiny_model_dir, algo)           # every group left out: no update
-    _, updates, _ = flowrl.policy_update(policy, head, optimizer, batch["rollouts"], batch["reward_hat"],
-                                         batch["ref_logprobs"], None, cfg, LOCAL,
-                                         trained_groups=torch.tensor([], dtype=int))
-    assert updates["updates"] == 0 and updates["skipped_updates"] == 0
+    policy, head, optimizer, cfg = setup = update_setup(tiny_model_dir, algo)   # every group left out: no update
+    done = update(setup, batch["rollouts"], batch["reward_hat"], batch["ref_logprobs"], torch.tensor([], dtype=int))
+    assert done.updates == 0 and done.skipped_updates == 0
     assert all(torch.equal(a, b) for a, b in zip(parameters_of(policy, head), parameters_of(*update_setup(
         tiny_model_dir, algo)[:2])))
 
@@ -1397,7 +1411,7 @@ def test_the_gradient_norms_are_logged_before_clipping_policy_and_log_z_head_apa
     policy, head, optimizer, cfg = update_setup(tiny_model_dir)
     rollouts = batch["rollouts"]
     logprobs, log_z = token_logprobs_and_log_z(policy, rollouts.input_ids, rollouts.attention_mask,
-                                               rollouts.prompt_length, 1.0, head, group_size=4)
+                                               rollouts.prompt_length, 1.0, head, rows_per_prompt=4)
     loss, _ = flowrl_loss(logprobs, batch["ref_logprobs"], logprobs.detach(), log_z, batch["reward_hat"],
                           rollouts.completion_mask, beta=cfg.beta)
     loss.backward()
@@ -1405,17 +1419,16 @@ def test_the_gradient_norms_are_logged_before_clipping_policy_and_log_z_head_apa
     optimizer.zero_grad(set_to_none=True)
     before = parameters_of(policy, head)
     cfg.max_grad_norm = 1e-3
-    _, updates, _ = flowrl.policy_update(policy, head, optimizer, rollouts, batch["reward_hat"], batch["ref_logprobs"],
-                                         None, cfg, LOCAL)
-    assert updates["grad_norm_policy"] == pytest.approx(expected[0], rel=1e-4)
-    assert updates["grad_norm_log_z"] == pytest.approx(expected[1], rel=1e-4)
-    assert updates["grad_norm"] == pytest.approx(math.hypot(*expected), rel=1e-4) and min(expected) > 1e-2
+    norms = update((policy, head, optimizer, cfg), rollouts, batch["reward_hat"], batch["ref_logprobs"]).grad_norm_sums
+    assert norms["grad_norm_policy"] == pytest.approx(expected[0], rel=1e-4)
+    assert norms["grad_norm_log_z"] == pytest.approx(expected[1], rel=1e-4)
+    assert norms["grad_norm"] == pytest.approx(math.hypot(*expected), rel=1e-4) and min(expected) > 1e-2
     step = torch.cat([(a - b).flatten() for a, b in zip(parameters_of(policy, head), before)]).norm().item()
     assert step == pytest.approx(1e-3, rel=1e-3)          # the step itself was clipped
 
 
 # ------------------------------------------------------------------------------------------------------
-# The pick task and the answer-distribution metrics
+# The pick task
 # ------------------------------------------------------------------------------------------------------
 def test_pick_task_split_is_fixed_and_disjoint_and_every_problem_has_several_answers():
     train, held_out = flowrl.pick_problems(50, split_seed=0)
@@ -1437,31 +1450,6 @@ def test_pick_task_split_is_fixed_and_disjoint_and_every_problem_has_several_ans
 ])
 def test_pick_reward(completion, reward):
     assert flowrl.pick_reward(completion, "1, 3, 5, 7, 8, 9, 10") == reward
-
-
-def test_entropy_and_smoothed_kl_hand_computed():
-    assert flowrl.entropy({"1": 1, "3": 1, "5": 2}) == pytest.approx(-(2 * 0.25 * math.log(0.25) + 0.5 * math.log(0.5)))
-    # p = {1: 3, 3: 1}, q = {1: 1, 5: 1}: support {1, 3, 5}, +1/2 each: p = (3.5, 1.5, 0.5)/5.5, q = (1.5, 0.5, 1.5)/3.5
-    p, q = [3.5 / 5.5, 1.5 / 5.5, 0.5 / 5.5], [1.5 / 3.5, 0.5 / 3.5, 1.5 / 3.5]
-    expected = sum(a * math.log(a / b) for a, b in zip(p, q))
-    assert flowrl.smoothed_kl({"1": 3, "3": 1}, {"1": 1, "5": 1}) == pytest.approx(expected)
-    assert flowrl.smoothed_kl({"1": 3}, {}) is None
-
-
-def test_distribution_metrics_on_hand_made_samples():
-    # two prompts, 4 samples each; prompt 2 has no correct answer now, so its KL is skipped
-    now = [{"answers": {"3": 2, "7": 1, "2": 1}, "correct": {"3": 2, "7": 1}},
-           {"answers": {"2": 4}, "correct": {}}]
-    step0 = [{"answers": {"3": 1, "7": 1, "2": 2}, "correct": {"3": 1, "7": 1}},
-             {"answers": {"5": 2, "2": 2}, "correct": {"5": 2}}]
-    metrics = flowrl.distribution_metrics(now, step0, "held_out")
-    assert metrics["held_out_validity"] == pytest.approx((3 / 4 + 0) / 2)
-    assert metrics["held_out_distinct_correct"] == pytest.approx((2 + 0) / 2)
-    assert metrics["held_out_entropy"] == pytest.approx(flowrl.entropy({"3": 2, "7": 1}) / 2)
-    assert metrics["held_out_kl_to_step0"] == pytest.approx(flowrl.smoothed_kl({"3": 2, "7": 1}, {"3": 1, "7": 1}))
-    assert metrics["held_out_kl_prompts"] == 1
-    collapsed = flowrl.distribution_metrics([{"answers": {"3": 4}, "correct": {"3": 4}}], step0[:1], "x")
-    assert collapsed["x_entropy"] == 0.0 and collapsed["x_kl_to_step0"] > metrics["held_out_kl_to_step0"]
 
 
 def distributed_main_worker(rank, world_size, port, argv):
@@ -1489,173 +1477,14 @@ def test_two_processes_train_log_save_and_resume_through_the_cli(tiny_model_dir,
     assert state["step"] == 3
 
 
-# ------------------------------------------------------------------------------------------------------
-# Independent draws, and the exact log-ratio spread
-# ------------------------------------------------------------------------------------------------------
-def every_answer_correct(completion, answer):
-    return 1.0      # every final answer counts, so that each prompt's correct-answer distribution is defined
-
-
-def pick_probes(count):
-    train, held_out = flowrl.pick_problems(50, split_seed=0)
-    return {"held_out": held_out[:count], "train": train[:count]}
-
-
-def test_an_unchanged_model_is_not_scored_against_its_own_random_numbers(tiny_model_dir, tmp_path):
-    """The same model evaluated at step 0 and at step 1: its KL to the step-0 reference is of the order of the
-    noise floor (two independent draws), not 0, and the step-1 answers differ from the reference's."""
-    model, tokenizer = flowrl.load_model_and_tokenizer(tiny_model_dir)
-    cfg = tiny_config(tiny_model_dir, tmp_path, task="pick", max_new_tokens=4, dist_prompts=4, dist_samples=16,
-                      eval_size=50)
-    probes = pick_probes(4)
-    step0_record, reference = flowrl.evaluate(model, tokenizer, probes["held_out"],
-                                              probes, cfg, 0, every_answer_correct, LOCAL)
-    step1_record, _ = flowrl.evaluate(model, tokenizer, probes["held_out"], probes, cfg, 1, every_answer_correct, LOCAL,
-                                      step0_reference=reference)
-    for name in ("held_out", "train"):
-        floor, later = step0_record[f"{name}_kl_to_step0"], step1_record[f"{name}_kl_to_step0"]
-        assert floor > 0.1 and 0.3 * floor < later < 3 * floor, (name, floor, later)
-    assert step1_record["histogram"]["answers"] != reference["answers"]["train"][0]
-    assert step0_record["histogram"]["answers"] != reference["answers"]["train"][0]   # the floor's draw is its own too
-
-
-def test_answer_logprobs_and_ratio_spread_on_a_model_whose_ratios_are_set(tiny_model_dir, tmp_path):
-    """Exact log pi(y|x) of the bare answers then EOS, checked against a plain forward pass of each sequence; the
-    spread of the log-ratios is 0 for the reference itself and grows when one answer is favoured (a bias on
-    the LM head's logit of "3")."""
-    model, tokenizer = flowrl.load_model_and_tokenizer(tiny_model_dir)
-    cfg = tiny_config(tiny_model_dir, tmp_path, task="pick", temperature=0.8)
-    problems = [p for p in pick_probes(8)["train"] if "3" in p.answer.split(", ")][:2]
-    reference = flowrl.answer_logprobs(model, tokenizer, problems, cfg, LOCAL)
-    assert all(flowrl.ratio_spread(now, now) == 0.0 for now in reference)
-    three = tokenizer.convert_tokens_to_ids("3")
-    hook = model.lm_head.register_forward_hook(lambda module, inputs, output: output.index_add(
-        -1, torch.tensor([three]), torch.full((*output.shape[:-1], 1), 2.0)))
-    favoured = flowrl.answer_logprobs(model, tokenizer, problems, cfg, LOCAL)
-    for problem, logprobs in zip(problems, favoured):
-        assert set(logprobs) == set(problem.answer.split(", "))
-        for answer, value in logprobs.items():     # a plain pass over prompt + answer + EOS, no padding, no sharing
-            prompt = tokenizer(flowrl.format_prompt(tokenizer, problem.question), add_special_tokens=False).input_ids
-            response = tokenizer(answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-            with torch.no_grad():
-                logits = model(input_ids=torch.tensor([prompt + response])).logits[0, len(prompt) - 1:-1] / 0.8
-            expected = logits.log_softmax(-1).gather(-1, torch.tensor(response)[:, None]).sum().item()
-            assert value == pytest.approx(expected, abs=1e-4)
-    hook.remove()
-    spreads = [flowrl.ratio_spread(now, then) for now, then in zip(favoured, reference)]
-    log_ratios = {a: favoured[0][a] - reference[0][a] for a in favoured[0]}
-    assert max(log_ratios, key=log_ratios.get) == "3"
-    assert spreads[0] == pytest.approx(float(np.std(list(log_ratios.values())))) and min(spreads) > 0.3
-    # the exact twins of the sampled entropy and KL: the distributions over the correct answers, renormalised
-    for now, then in zip(favoured, reference):
-        p = np.exp(list(now.values())) / np.exp(list(now.values())).sum()
-        q = np.exp([then[a] for a in now]) / np.exp([then[a] for a in now]).sum()
-        assert flowrl.answer_entropy(now) == pytest.approx(float(-(p * np.log(p)).sum()), rel=1e-6)
-        assert flowrl.answer_kl(now, then) == pytest.approx(float((p * np.log(p / q)).sum()), rel=1e-6)
-        assert flowrl.answer_kl(now, then) > 0.05 and flowrl.answer_kl(then, then) == 0.0
-        assert p[list(now).index("3")] > q[list(now).index("3")]
-
-
-def test_the_probe_questions_cover_every_held_out_question_exactly_and_the_first_ones_sampled(tiny_model_dir, tmp_path):
-    pick = tiny_config(tiny_model_dir, tmp_path, task="pick", eval_size=20, dist_prompts=6)
-    train, held_out = flowrl.load_problems(pick)
-    probes = flowrl.probe_questions(pick, train, held_out)
-    assert probes == {"held_out": held_out, "train": train[:20]}
-    arithmetic = tiny_config(tiny_model_dir, tmp_path, dist_prompts=3)
-    train, held_out = flowrl.load_problems(arithmetic)
-    assert flowrl.probe_questions(arithmetic, train, held_out) == {"held_out": held_out[:3], "train": train[:3]}
-    off = tiny_config(tiny_model_dir, tmp_path, task="pick", dist_prompts=0)
-    assert not any(flowrl.probe_questions(off, *flowrl.load_problems(off)).values())
-
-
-def test_each_measure_says_how_many_questions_it_covers_and_its_interval(tiny_model_dir, tmp_path):
-    """Sampled measures on the first --dist-prompts probe questions, exact ones on all: their counts, and each
-    mean's 95% interval, 1.96 sample sd / sqrt(n) over the questions' own values."""
-    model, tokenizer = flowrl.load_model_and_tokenizer(tiny_model_dir)
-    cfg = tiny_config(tiny_model_dir, tmp_path, task="pick", max_new_tokens=3, dist_prompts=2, dist_samples=4,
-                      eval_size=50)
-    probes = pick_probes(5)
-    _, reference = flowrl.evaluate(model, tokenizer, probes["held_out"][:2], probes, cfg, 0, flowrl.pick_reward, LOCAL)
-    with torch.no_grad():
-        model.lm_head.weight.add_(0.5 * torch.randn_like(model.lm_head.weight))
-    record, _ = flowrl.evaluate(model, tokenizer, probes["held_out"][:2], probes, cfg, 3, flowrl.pick_reward, LOCAL,
-                                step0_reference=reference)
-    for name in ("held_out", "train"):
-        assert record[f"{name}_sampled_questions"] == 2 and record[f"{name}_exact_questions"] == 5
-        entropies = [flowrl.answer_entropy(now) for now in flowrl.answer_logprobs(model, tokenizer, probes[name], cfg,
-                                                                                     LOCAL)]
-        assert record[f"{name}_exact_entropy"] == pytest.approx(np.mean(entropies))
-        assert record[f"{name}_exact_entropy_ci95"] == pytest.approx(1.96 * np.std(entropies, ddof=1) / math.sqrt(5))
-        for measure in ("validity", "distinct_correct", "entropy", "ratio_spread", "exact_kl_to_step0"):
-            assert record[f"{name}_{measure}_ci95"] is not None and record[f"{name}_{measure}_ci95"] >= 0
-
-
-def test_rollout_coverage_counts_distinct_and_rarely_sampled_correct_answers(monkeypatch):
-    """pi_ref gives "7" 5% of its probability over the correct answers 1, 3, 7: two rollouts that say 7 are rare
-    and correct; "5" is wrong. Without a reference model only the distinct correct answers are counted."""
-    problems = [flowrl.Problem("q1", "1, 3, 7"), flowrl.Problem("q2", "2, 4")]
-    shares = [{"1": 0.5, "3": 0.45, "7": 0.05}, {"2": 0.5, "4": 0.5}]
-    monkeypatch.setattr(flowrl, "answer_logprobs", lambda *args: [{a: math.log(p) - 3.0 for a, p in share.items()}
-                                                                   for share in shares])
-    texts = ["7", "It is 7.", "1", "5", "2", "2", "2", "9"]
-    cfg = Config(task="pick", group_size=4)
-    assert flowrl.rollout_coverage(object(), None, problems, texts, cfg, LOCAL) == {
-        "distinct_correct": 3.0, "rare_correct": 2.0}
-    assert flowrl.rollout_coverage(None, None, problems, texts, cfg, LOCAL) == {"distinct_correct": 3.0}
-
-
-def test_a_pick_run_logs_what_its_rollouts_reached(tiny_model_dir, tmp_path):
-    cfg = tiny_config(tiny_model_dir, tmp_path / "pick", task="pick", steps=1, eval_size=3, dist_prompts=2,
-                      dist_samples=2, max_new_tokens=2, explore_temperature=1.5)
-    flowrl.train(cfg)
-    train_record, final = [r for r in read_metrics(cfg.output_dir) if r["step"] == 1]
-    assert 0 <= train_record["rare_correct_frac"] <= 1 and 0 <= train_record["distinct_correct_per_group"] <= 4
-    assert final["held_out_exact_questions"] == 3 and final["train_sampled_questions"] == 2
-
-
-def test_the_evaluation_progress_bar_knows_its_total(tiny_model_dir, tmp_path, monkeypatch):
-    bars = []
-
-    class Recorder(flowrl.tqdm):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            bars.append(self)
-    monkeypatch.setattr(flowrl, "tqdm", Recorder)
-    model, tokenizer = flowrl.load_model_and_tokenizer(tiny_model_dir)
-    cfg = tiny_config(tiny_model_dir, tmp_path, task="pick", max_new_tokens=2, dist_prompts=3, dist_samples=4,
-                      eval_size=50, eval_samples=2, pass_k=1)      # batches of 8 rows: 4 problems, or 2 prompts
-    probes, problems = pick_probes(3), pick_probes(5)["held_out"]
-    _, reference = flowrl.evaluate(model, tokenizer, problems, probes, cfg, 0, flowrl.pick_reward, LOCAL)
-    flowrl.evaluate(model, tokenizer, problems, probes, cfg, 1, flowrl.pick_reward, LOCAL, step0_reference=reference)
-    # greedy: 1 call of 5 problems; 2 samples: 2 calls; answers: 2 calls per probe list, drawn twice at step 0
-    assert [(bar.total, bar.n) for bar in bars] == [(1 + 2 + 2 * 4, 11), (1 + 2 + 4, 7)]
-
-
 def test_evaluation_temperature_0_is_greedy(tiny_model_dir, tmp_path):
     model, tokenizer = flowrl.load_model_and_tokenizer(tiny_model_dir)
     cfg = tiny_config(tiny_model_dir, tmp_path, eval_temperature=0.0, eval_samples=3, pass_k=3, max_new_tokens=5)
     train_problems, held_out = flowrl.load_problems(cfg)
-    metrics, rows = flowrl.accuracy_metrics(model, tokenizer, held_out, cfg, 0, lambda completion, answer: 1.0, LOCAL)
+    run = flowrl.Run(cfg, LOCAL, model, tokenizer, held_out=held_out, reward_fn=lambda completion, answer: 1.0)
+    metrics, rows = flowrl.accuracy_metrics(run, 0)
     assert metrics["distinct_per_prompt"] == 1.0
     assert all(row["sampled"] == row["greedy"] for row in rows)
-
-
-def test_evaluation_reports_the_ratio_spread_on_the_pick_task(tiny_model_dir, tmp_path):
-    model, tokenizer = flowrl.load_model_and_tokenizer(tiny_model_dir)
-    cfg = tiny_config(tiny_model_dir, tmp_path, task="pick", max_new_tokens=3, dist_prompts=2, dist_samples=4,
-                      eval_size=50)
-    probes = pick_probes(2)
-    record, reference = flowrl.evaluate(model, tokenizer, probes["held_out"][:2],
-                                        probes, cfg, 0, flowrl.pick_reward, LOCAL)
-    assert record["held_out_ratio_spread"] == 0.0 and record["train_ratio_spread"] == 0.0   # pi_theta = pi_ref
-    assert record["held_out_exact_kl_to_step0"] == 0.0 and record["train_exact_entropy"] > 0.5
-    assert set(record["histogram"]["log_ratio"]) == set(probes["train"][0].answer.split(", "))
-    with torch.no_grad():
-        model.lm_head.weight.add_(0.5 * torch.randn_like(model.lm_head.weight))
-    later, _ = flowrl.evaluate(model, tokenizer, probes["held_out"][:2], probes, cfg, 5, flowrl.pick_reward, LOCAL,
-                               step0_reference=reference)
-    assert later["held_out_ratio_spread"] > 0 and later["train_ratio_spread"] > 0
-    assert later["held_out_exact_kl_to_step0"] > 0 and later["train_exact_kl_to_step0"] > 0
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -1839,16 +1668,15 @@ def nan_batch_worker(rank, world_size, port, tiny_model_dir, batch_path, result_
     runtime, (rollouts, reward_hat, ref_logprobs) = joined_worker_share(rank, world_size, port, tiny_model_dir,
                                                                         batch_path)
     rank = runtime.rank
-    policy, head, optimizer, cfg = update_setup(tiny_model_dir)
+    policy, head, optimizer, cfg = setup = update_setup(tiny_model_dir)
     initial = [p.detach().clone() for p in policy.parameters()]
     poisoned = reward_hat.clone()
     if rank == 1:
         poisoned[0] = float("nan")            # a NaN reward in this process's first micro-batch only
-    _, first, _ = flowrl.policy_update(policy, head, optimizer, rollouts, poisoned, ref_logprobs, None, cfg, runtime)
+    first = update(setup, rollouts, poisoned, ref_logprobs, runtime=runtime)
     unchanged = all(torch.equal(a, b.detach()) for a, b in zip(initial, policy.parameters()))
-    _, second, _ = flowrl.policy_update(policy, head, optimizer, rollouts, reward_hat, ref_logprobs, None, cfg,
-                                        runtime)
-    torch.save({"skipped": (first["skipped_updates"], second["skipped_updates"]), "unchanged": unchanged,
+    second = update(setup, rollouts, reward_hat, ref_logprobs, runtime=runtime)
+    torch.save({"skipped": (first.skipped_updates, second.skipped_updates), "unchanged": unchanged,
                 "policy": policy.state_dict()}, f"{result_path}.{rank}")
     flowrl.dist.destroy_process_group()
 
@@ -1865,38 +1693,6 @@ def test_a_nan_on_one_process_skips_the_update_on_all_and_the_next_one_proceeds(
     for name, param in initial.named_parameters():
         assert torch.equal(ranks[0]["policy"][name], ranks[1]["policy"][name]), name
     assert not torch.equal(ranks[0]["policy"]["lm_head.weight"], initial.lm_head.weight.detach())
-
-
-def evaluate_pick(tiny_model_dir, cfg, runtime=LOCAL):
-    model, tokenizer = flowrl.load_model_and_tokenizer(tiny_model_dir)
-    train, held_out = flowrl.load_problems(cfg)
-    probes = {"held_out": held_out[:3], "train": train[:3]}
-    record, reference = flowrl.evaluate(model, tokenizer, held_out, probes, cfg, 0, flowrl.pick_reward, runtime)
-    return {"record": record, "reference": reference}
-
-
-def evaluation_worker(rank, world_size, port, tiny_model_dir, cfg, result_path):
-    set_torchrun_environment(rank, world_size, port)
-    runtime = flowrl.start_runtime("cpu", timeout_minutes=1.0)
-    torch.save(evaluate_pick(tiny_model_dir, cfg, runtime), f"{result_path}.{runtime.rank}")
-    flowrl.dist.destroy_process_group()
-
-
-def test_two_processes_evaluate_in_shares_and_get_the_numbers_of_one(tiny_model_dir, tmp_path):
-    """Each process scores every other problem; since each problem's samples come from a seed of its own, the two
-    report exactly what one process does (fp32, so that the batch a row sits in cannot change its tokens)."""
-    cfg = tiny_config(tiny_model_dir, tmp_path, task="pick", eval_size=7, eval_samples=3, pass_k=2,
-                      max_new_tokens=4, dist_prompts=3, dist_samples=6)
-    result = str(tmp_path / "eval.pt")
-    processes = spawn_workers(evaluation_worker, 2, tiny_model_dir, cfg, result)
-    assert join_within(processes, 180) == [0, 0]
-    alone = evaluate_pick(tiny_model_dir, cfg)
-    for rank in range(2):
-        shared = torch.load(f"{result}.{rank}", weights_only=False)
-        assert shared["reference"] == alone["reference"]
-        for key, value in alone["record"].items():
-            if key != "eval_seconds":
-                assert shared["record"][key] == value, key
 
 
 def signalling_training_step(signals, at_step):
@@ -1996,29 +1792,6 @@ def test_a_resumed_log_reads_as_one_run(tiny_model_dir, tmp_path, monkeypatch, c
     assert header.split()[1:] == ["step", "0", "step", "4"]
 
 
-def test_resuming_a_checkpoint_without_a_step0_reference_says_what_it_compares_with(tiny_model_dir, tmp_path,
-                                                                                   capsys):
-    cfg = tiny_config(tiny_model_dir, tmp_path / "run", steps=1, task="pick", max_new_tokens=3, dist_prompts=2,
-                      dist_samples=4, eval_size=50)
-    flowrl.train(cfg)
-    state_path = os.path.join(cfg.output_dir, "checkpoint", "trainer_state.pt")
-    state = torch.load(state_path, weights_only=False)
-    assert set(state["step0_reference"]["answers"]) == {"held_out", "train"}
-    flowrl.main(["--resume", cfg.output_dir, "--steps", "2"])
-    assert "holds no step-0 answer distribution" not in capsys.readouterr().out
-    state = torch.load(state_path, weights_only=False)
-    del state["step0_reference"]["questions"]    # as a checkpoint of a version that scored fewer questions exactly
-    torch.save(state, state_path)
-    flowrl.main(["--resume", cfg.output_dir, "--steps", "3"])
-    assert "holds no step-0 answer distribution of these questions" in capsys.readouterr().out
-    state = torch.load(state_path, weights_only=False)
-    del state["step0_reference"]                  # as a checkpoint written before the reference was saved
-    torch.save(state, state_path)
-    flowrl.main(["--resume", cfg.output_dir, "--steps", "4"])
-    assert "holds no step-0 answer distribution of these questions" in capsys.readouterr().out
-    assert read_metrics(cfg.output_dir)[-1]["held_out_exact_questions"] == 50
-
-
 def test_an_unreachable_hub_fails_at_once_with_one_clear_error(tmp_path):
     """No network and a model that is not local (a hub name, a typo): one error line within seconds, not a
     minute of retries. The hub address is made unreachable so that the test means the same on any machine."""
@@ -2086,3 +1859,280 @@ def test_an_evaluation_whose_verifier_fails_keeps_running(tiny_model_dir, tmp_pa
         (records[name],) = read_metrics(str(tmp_path / name))
     assert records["accepting"]["pass@1"] > 0
     assert calls and records["broken"]["greedy_accuracy"] == 0.0 and records["broken"]["pass@1"] == 0.0
+
+
+# ------------------------------------------------------------------------------------------------------
+# The pick study (bench/pick_study.py): answer distributions and exact measures through flowrl's Study hook
+# ------------------------------------------------------------------------------------------------------
+def test_entropy_and_smoothed_kl_hand_computed():
+    assert pick_study.entropy({"1": 1, "3": 1, "5": 2}) == pytest.approx(
+        -(2 * 0.25 * math.log(0.25) + 0.5 * math.log(0.5)))
+    # p = {1: 3, 3: 1}, q = {1: 1, 5: 1}: support {1, 3, 5}, +1/2 each: p = (3.5, 1.5, 0.5)/5.5, q = (1.5, 0.5, 1.5)/3.5
+    p, q = [3.5 / 5.5, 1.5 / 5.5, 0.5 / 5.5], [1.5 / 3.5, 0.5 / 3.5, 1.5 / 3.5]
+    expected = sum(a * math.log(a / b) for a, b in zip(p, q))
+    assert pick_study.smoothed_kl({"1": 3, "3": 1}, {"1": 1, "5": 1}) == pytest.approx(expected)
+    assert pick_study.smoothed_kl({"1": 3}, {}) is None
+
+
+def test_distribution_metrics_on_hand_made_samples():
+    # two prompts, 4 samples each; prompt 2 has no correct answer now, so its KL is skipped
+    now = [{"answers": {"3": 2, "7": 1, "2": 1}, "correct": {"3": 2, "7": 1}},
+           {"answers": {"2": 4}, "correct": {}}]
+    step0 = [{"answers": {"3": 1, "7": 1, "2": 2}, "correct": {"3": 1, "7": 1}},
+             {"answers": {"5": 2, "2": 2}, "correct": {"5": 2}}]
+    metrics = pick_study.distribution_metrics(now, step0, "held_out")
+    assert metrics["held_out_validity"] == pytest.approx((3 / 4 + 0) / 2)
+    assert metrics["held_out_distinct_correct"] == pytest.approx((2 + 0) / 2)
+    assert metrics["held_out_entropy"] == pytest.approx(pick_study.entropy({"3": 2, "7": 1}) / 2)
+    assert metrics["held_out_kl_to_step0"] == pytest.approx(pick_study.smoothed_kl({"3": 2, "7": 1}, {"3": 1, "7": 1}))
+    assert metrics["held_out_kl_prompts"] == 1
+    collapsed = pick_study.distribution_metrics([{"answers": {"3": 4}, "correct": {"3": 4}}], step0[:1], "x")
+    assert collapsed["x_entropy"] == 0.0 and collapsed["x_kl_to_step0"] > metrics["held_out_kl_to_step0"]
+
+
+def every_answer_correct(completion, answer):
+    return 1.0      # every final answer counts, so that each prompt's correct-answer distribution is defined
+
+
+def pick_probes(count):
+    train, held_out = flowrl.pick_problems(50, split_seed=0)
+    return {"held_out": held_out[:count], "train": train[:count]}
+
+
+def study_run(model, tokenizer, cfg, count, prompts, samples, reward_fn=flowrl.pick_reward, runtime=LOCAL):
+    """A Run of the model on the first `count` pick questions of each split, with the pick study beside it."""
+    probes = pick_probes(count)
+    return flowrl.Run(cfg, runtime, model, tokenizer, reward_fn=reward_fn, held_out=probes["held_out"],
+                      train_problems=probes["train"], study=pick_study.AnswerStudy(prompts, samples))
+
+
+def test_an_unchanged_model_is_not_scored_against_its_own_random_numbers(tiny_model_dir, tmp_path):
+    """The same model evaluated at step 0 and at step 1: its KL to the step-0 answers is of the order of the noise
+    floor (two independent draws), not 0, and the step-1 answers differ from step 0's."""
+    model, tokenizer = flowrl.load_model_and_tokenizer(tiny_model_dir)
+    cfg = tiny_config(tiny_model_dir, tmp_path, task="pick", max_new_tokens=4, eval_size=50)
+    run = study_run(model, tokenizer, cfg, 4, 4, 16, every_answer_correct)
+    step0_record, step1_record = flowrl.evaluate(run, 0), flowrl.evaluate(run, 1)
+    step0_answers = run.study.step0_answers["answers"]["train"][0]
+    for name in ("held_out", "train"):
+        floor, later = step0_record[f"{name}_kl_to_step0"], step1_record[f"{name}_kl_to_step0"]
+        assert floor > 0.1 and 0.3 * floor < later < 3 * floor, (name, floor, later)
+    assert step1_record["histogram"]["answers"] != step0_answers
+    assert step0_record["histogram"]["answers"] != step0_answers   # the floor's draw is its own too
+
+
+def test_answer_logprobs_and_ratio_spread_on_a_model_whose_ratios_are_set(tiny_model_dir, tmp_path):
+    """Exact log pi(y|x) of the bare answers then EOS, checked against a plain forward pass of each sequence; the
+    spread of the log-ratios is 0 for the reference itself and grows when one answer is favoured (a bias on
+    the LM head's logit of "3")."""
+    model, tokenizer = flowrl.load_model_and_tokenizer(tiny_model_dir)
+    run = flowrl.Run(tiny_config(tiny_model_dir, tmp_path, task="pick", temperature=0.8), LOCAL, model, tokenizer)
+    problems = [p for p in pick_probes(8)["train"] if "3" in p.answer.split(", ")][:2]
+    reference = pick_study.answer_logprobs(model, run, problems)
+    assert all(pick_study.ratio_spread(now, now) == 0.0 for now in reference)
+    three = tokenizer.convert_tokens_to_ids("3")
+    hook = model.lm_head.register_forward_hook(lambda module, inputs, output: output.index_add(
+        -1, torch.tensor([three]), torch.full((*output.shape[:-1], 1), 2.0)))
+    favoured = pick_study.answer_logprobs(model, run, problems)
+    for problem, logprobs in zip(problems, favoured):
+        assert set(logprobs) == set(problem.answer.split(", "))
+        for answer, value in logprobs.items():     # a plain pass over prompt + answer + EOS, no padding, no sharing
+            prompt = tokenizer(flowrl.format_prompt(tokenizer, problem.question), add_special_tokens=False).input_ids
+            response = tokenizer(answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([prompt + response])).logits[0, len(prompt) - 1:-1] / 0.8
+            expected = logits.log_softmax(-1).gather(-1, torch.tensor(response)[:, None]).sum().item()
+            assert value == pytest.approx(expected, abs=1e-4)
+    hook.remove()
+    spreads = [pick_study.ratio_spread(now, then) for now, then in zip(favoured, reference)]
+    log_ratios = {a: favoured[0][a] - reference[0][a] for a in favoured[0]}
+    assert max(log_ratios, key=log_ratios.get) == "3"
+    assert spreads[0] == pytest.approx(float(np.std(list(log_ratios.values())))) and min(spreads) > 0.3
+    # the exact twins of the sampled entropy and KL: the distributions over the correct answers, renormalised
+    for now, then in zip(favoured, reference):
+        p = np.exp(list(now.values())) / np.exp(list(now.values())).sum()
+        q = np.exp([then[a] for a in now]) / np.exp([then[a] for a in now]).sum()
+        assert pick_study.answer_entropy(now) == pytest.approx(float(-(p * np.log(p)).sum()), rel=1e-6)
+        assert pick_study.answer_kl(now, then) == pytest.approx(float((p * np.log(p / q)).sum()), rel=1e-6)
+        assert pick_study.answer_kl(now, then) > 0.05 and pick_study.answer_kl(then, then) == 0.0
+        assert p[list(now).index("3")] > q[list(now).index("3")]
+
+
+def test_the_probe_questions_cover_every_held_out_question_exactly_and_the_first_ones_sampled(tiny_model_dir, tmp_path):
+    pick = tiny_config(tiny_model_dir, tmp_path, task="pick", eval_size=20)
+    train, held_out = flowrl.load_problems(pick)
+    run = flowrl.Run(pick, LOCAL, None, None, train_problems=train, held_out=held_out)
+    assert pick_study.AnswerStudy(6).probes(run) == {"held_out": held_out, "train": train[:20]}
+    arithmetic = tiny_config(tiny_model_dir, tmp_path)
+    train, held_out = flowrl.load_problems(arithmetic)
+    run = flowrl.Run(arithmetic, LOCAL, None, None, train_problems=train, held_out=held_out)
+    assert pick_study.AnswerStudy(3).probes(run) == {"held_out": held_out[:3], "train": train[:3]}
+    assert not any(pick_study.AnswerStudy(0).probes(run).values())
+
+
+def test_each_measure_says_how_many_questions_it_covers_and_its_interval(tiny_model_dir, tmp_path):
+    """Sampled measures on the first --answer-prompts probe questions, exact ones on all: their counts, and each
+    mean's 95% interval, 1.96 sample sd / sqrt(n) over the questions' own values."""
+    model, tokenizer = flowrl.load_model_and_tokenizer(tiny_model_dir)
+    cfg = tiny_config(tiny_model_dir, tmp_path, task="pick", max_new_tokens=3, eval_size=50)
+    run = study_run(model, tokenizer, cfg, 5, 2, 4)
+    flowrl.evaluate(run, 0)
+    with torch.no_grad():
+        model.lm_head.weight.add_(0.5 * torch.randn_like(model.lm_head.weight))
+    record = flowrl.evaluate(run, 3)
+    for name in ("held_out", "train"):
+        assert record[f"{name}_sampled_questions"] == 2 and record[f"{name}_exact_questions"] == 5
+        entropies = [pick_study.answer_entropy(now)
+                     for now in pick_study.answer_logprobs(model, run, pick_probes(5)[name])]
+        assert record[f"{name}_exact_entropy"] == pytest.approx(np.mean(entropies))
+        assert record[f"{name}_exact_entropy_ci95"] == pytest.approx(1.96 * np.std(entropies, ddof=1) / math.sqrt(5))
+        for measure in ("validity", "distinct_correct", "entropy", "ratio_spread", "exact_kl_to_step0"):
+            assert record[f"{name}_{measure}_ci95"] is not None and record[f"{name}_{measure}_ci95"] >= 0
+
+
+def test_rollout_coverage_counts_distinct_and_rarely_sampled_correct_answers(monkeypatch):
+    """pi_ref gives "7" 5% of its probability over the correct answers 1, 3, 7: two rollouts that say 7 are rare
+    and correct; "5" is wrong. Without a reference model only the distinct correct answers are counted."""
+    problems = [flowrl.Problem("q1", "1, 3, 7"), flowrl.Problem("q2", "2, 4")]
+    shares = [{"1": 0.5, "3": 0.45, "7": 0.05}, {"2": 0.5, "4": 0.5}]
+    monkeypatch.setattr(pick_study, "answer_logprobs", lambda *args: [{a: math.log(p) - 3.0 for a, p in share.items()}
+                                                                       for share in shares])
+    texts = ["7", "It is 7.", "1", "5", "2", "2", "2", "9"]
+    cfg = Config(task="pick", group_size=4)
+    counts = {"distinct_correct": 3.0, "groups": 2.0, "sequences": 8.0}
+    run = flowrl.Run(cfg, LOCAL, None, None, reference=object())
+    assert pick_study.rollout_coverage(run, problems, texts) == {**counts, "rare_correct": 2.0}
+    assert pick_study.rollout_coverage(flowrl.Run(cfg, LOCAL, None, None), problems, texts) == counts
+
+
+def test_a_pick_study_run_logs_what_its_rollouts_reached_and_the_exact_measures(tiny_model_dir, tmp_path, capsys):
+    """The study's script: flowrl.py's run with the study's metrics in its records, the step-0 and last histograms
+    printed, bad study flags refused before the model loads."""
+    out = str(tmp_path / "pick")
+    flags = ["--model", tiny_model_dir, "--output-dir", out, "--task", "pick", "--steps", "1", "--eval-size", "3",
+             "--prompts-per-step", "2", "--group-size", "4", "--max-new-tokens", "2", "--explore-temperature", "1.5",
+             "--eval-samples", "2", "--pass-k", "2", "--show-examples", "0"]
+    pick_study.main(flags + ["--answer-prompts", "2", "--answer-samples", "2"])
+    first, train_record, final = read_metrics(out)
+    assert 0 <= train_record["rare_correct_frac"] <= 1 and 0 <= train_record["distinct_correct_per_group"] <= 4
+    assert final["held_out_exact_questions"] == 3 and final["train_sampled_questions"] == 2
+    assert first["held_out_exact_kl_to_step0"] == 0.0 and final["held_out_exact_kl_to_step0"] > 0
+    assert capsys.readouterr().out.count("Answers to ") == 2
+    for bad in (["--answer-samples", "1"], ["--answer-prompts", "-1"]):
+        with pytest.raises(SystemExit) as exit_info:
+            pick_study.main(flags + bad)
+        assert exit_info.value.code == 2 and bad[0] in capsys.readouterr().err
+
+
+def test_the_evaluation_progress_bars_know_their_totals(tiny_model_dir, tmp_path, monkeypatch):
+    bars = []
+
+    class Recorder(flowrl.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            bars.append(self)
+    monkeypatch.setattr(flowrl, "tqdm", Recorder)
+    monkeypatch.setattr(pick_study, "tqdm", Recorder)
+    model, tokenizer = flowrl.load_model_and_tokenizer(tiny_model_dir)
+    cfg = tiny_config(tiny_model_dir, tmp_path, task="pick", max_new_tokens=2, eval_size=50, eval_samples=2,
+                      pass_k=1)      # batches of 8 rows: 4 problems, or 2 prompts
+    run = study_run(model, tokenizer, cfg, 5, 3, 4)
+    flowrl.evaluate(run, 0)
+    flowrl.evaluate(run, 1)
+    # greedy: 1 call of 5 problems; 2 samples: 2 calls; answers: 2 calls per probe list, drawn twice at step 0
+    assert [(bar.total, bar.n) for bar in bars] == [(3, 3), (2 * 4, 8), (3, 3), (4, 4)]
+
+
+def test_evaluation_reports_the_ratio_spread_on_the_pick_task(tiny_model_dir, tmp_path):
+    model, tokenizer = flowrl.load_model_and_tokenizer(tiny_model_dir)
+    cfg = tiny_config(tiny_model_dir, tmp_path, task="pick", max_new_tokens=3, eval_size=50)
+    run = study_run(model, tokenizer, cfg, 2, 2, 4)
+    record = flowrl.evaluate(run, 0)
+    assert record["held_out_ratio_spread"] == 0.0 and record["train_ratio_spread"] == 0.0   # pi_theta = pi_ref
+    assert record["held_out_exact_kl_to_step0"] == 0.0 and record["train_exact_entropy"] > 0.5
+    assert set(record["histogram"]["log_ratio"]) == set(pick_probes(2)["train"][0].answer.split(", "))
+    with torch.no_grad():
+        model.lm_head.weight.add_(0.5 * torch.randn_like(model.lm_head.weight))
+    later = flowrl.evaluate(run, 5)
+    assert later["held_out_ratio_spread"] > 0 and later["train_ratio_spread"] > 0
+    assert later["held_out_exact_kl_to_step0"] > 0 and later["train_exact_kl_to_step0"] > 0
+
+
+def evaluate_pick(tiny_model_dir, cfg, runtime=LOCAL):
+    model, tokenizer = flowrl.load_model_and_tokenizer(tiny_model_dir)
+    train, held_out = flowrl.load_problems(cfg)
+    run = flowrl.Run(cfg, runtime, model, tokenizer, reward_fn=flowrl.pick_reward, train_problems=train,
+                     held_out=held_out, study=pick_study.AnswerStudy(3, 6))
+    record = flowrl.evaluate(run, 0)
+    return {"record": record, "step0_answers": run.study.step0_answers}
+
+
+def evaluation_worker(rank, world_size, port, tiny_model_dir, cfg, result_path):
+    set_torchrun_environment(rank, world_size, port)
+    runtime = flowrl.start_runtime("cpu", timeout_minutes=1.0)
+    torch.save(evaluate_pick(tiny_model_dir, cfg, runtime), f"{result_path}.{runtime.rank}")
+    flowrl.dist.destroy_process_group()
+
+
+def test_two_processes_evaluate_in_shares_and_get_the_numbers_of_one(tiny_model_dir, tmp_path):
+    """Each process scores every other problem; since each problem's samples come from a seed of its own, the two
+    report exactly what one process does, the study's measures included (fp32, so that the batch a row sits in
+    cannot change its tokens)."""
+    cfg = tiny_config(tiny_model_dir, tmp_path, task="pick", eval_size=7, eval_samples=3, pass_k=2, max_new_tokens=4)
+    result = str(tmp_path / "eval.pt")
+    processes = spawn_workers(evaluation_worker, 2, tiny_model_dir, cfg, result)
+    assert join_within(processes, 180) == [0, 0]
+    alone = evaluate_pick(tiny_model_dir, cfg)
+    assert "train_exact_kl_to_step0" in alone["record"] and "train_validity" in alone["record"]
+    for rank in range(2):
+        shared = torch.load(f"{result}.{rank}", weights_only=False)
+        assert shared["step0_answers"] == alone["step0_answers"]
+        for key, value in alone["record"].items():
+            if key != "eval_seconds":
+                assert shared["record"][key] == value, key
+
+
+def distributed_study_worker(rank, world_size, port, argv):
+    set_torchrun_environment(rank, world_size, port)
+    pick_study.main(argv)
+
+
+def test_the_study_runs_under_two_processes_and_resumes(tiny_model_dir, tmp_path):
+    """torchrun --nproc_per_node=2 bench/pick_study.py, with gloo: one record a step with the study's metrics,
+    a resumed run continues with the saved step-0 answers and the saved study flags."""
+    output_dir = str(tmp_path / "ddp")
+    flags = ["--model", tiny_model_dir, "--output-dir", output_dir, "--task", "pick", "--prompts-per-step", "2",
+             "--group-size", "4", "--max-new-tokens", "3", "--micro-batch-size", "4", "--eval-size", "4",
+             "--eval-samples", "2", "--pass-k", "2", "--show-examples", "0", "--answer-prompts", "2",
+             "--answer-samples", "4"]
+    torch.multiprocessing.spawn(distributed_study_worker, nprocs=2, args=(2, free_port(), flags + ["--steps", "1"]))
+    state_path = os.path.join(output_dir, "checkpoint", "trainer_state.pt")
+    step0_answers = torch.load(state_path, weights_only=False)["study"]["step0_answers"]
+    torch.multiprocessing.spawn(distributed_study_worker, nprocs=2,
+                                args=(2, free_port(), ["--resume", output_dir, "--steps", "2"]))
+    records = read_metrics(output_dir)
+    assert [r["step"] for r in records if r["split"] == "train"] == [1, 2]
+    assert all(0 <= r["distinct_correct_per_group"] <= 4 for r in records if r["split"] == "train")
+    assert [r["train_sampled_questions"] for r in records if r["split"] == "eval"] == [2, 2, 2]
+    assert torch.load(state_path, weights_only=False)["study"]["step0_answers"] == step0_answers
+
+
+def test_resuming_a_checkpoint_without_step0_answers_says_what_it_compares_with(tiny_model_dir, tmp_path, capsys):
+    cfg = tiny_config(tiny_model_dir, tmp_path / "run", steps=1, task="pick", max_new_tokens=3, eval_size=50)
+    flowrl.train(cfg, pick_study.AnswerStudy(2, 4))
+    state_path = os.path.join(cfg.output_dir, "checkpoint", "trainer_state.pt")
+    state = torch.load(state_path, weights_only=False)
+    assert set(state["study"]["step0_answers"]["answers"]) == {"held_out", "train"}
+    pick_study.main(["--resume", cfg.output_dir, "--steps", "2"])
+    assert "holds no step-0 answer distribution" not in capsys.readouterr().out
+    state = torch.load(state_path, weights_only=False)
+    del state["study"]["step0_answers"]["questions"]    # as a checkpoint that scored other questions
+    torch.save(state, state_path)
+    pick_study.main(["--resume", cfg.output_dir, "--steps", "3"])
+    assert "holds no step-0 answer distribution of these questions" in capsys.readouterr().out
+    state = torch.load(state_path, weights_only=False)
+    del state["study"]                                  # as a checkpoint of a run without the study
+    torch.save(state, state_path)
+    pick_study.main(["--resume", cfg.output_dir, "--steps", "4"])
+    assert "holds no step-0 answer distribution of these questions" in capsys.readouterr().out
+    assert read_metrics(cfg.output_dir)[-1]["held_out_exact_questions"] == 50

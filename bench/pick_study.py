@@ -1,0 +1,344 @@
+"""The pick study: does FlowRL keep the spread of correct answers? flowrl.py's training, measured as it goes.
+
+    python bench/pick_study.py --task pick --max-new-tokens 12 --steps 80 --eval-every 10 --answer-samples 64
+    python bench/pick_study.py --resume runs/X                  # continues the run and its measurements
+    torchrun --nproc_per_node=2 bench/pick_study.py ...          # as flowrl.py
+
+Every flag but the two below is flowrl.py's (`python flowrl.py --help`); the run is flowrl.py's own, with this
+study beside it through flowrl.py's `Study` hook: the same rollouts, updates and records, with these added.
+
+At every evaluation, on fixed probe questions (the first of the seed-independent split: with the pick task every
+held-out question and as many training ones; elsewhere --answer-prompts of each), as `held_out_...` and `train_...`,
+each a mean over questions with its 95% interval (`..._ci95`):
+- sampled, --answer-samples completions a question at --temperature and top-p 1 on the first --answer-prompts
+  (`sampled_questions`): `validity`, `distinct_correct`, the `entropy` of the correct answers' distribution and its
+  smoothed `kl_to_step0` (on the `kl_prompts` with correct answers on both sides; at step 0 a second draw of the
+  same model: the noise floor);
+- exact (pick task), from each correct answer's scored log-prob (`exact_questions`): `exact_entropy`,
+  `exact_kl_to_step0` and `ratio_spread`, the sd of log pi_theta / pi_ref over a question's correct answers, 0 at
+  Eq. 2's target p* ~ pi_ref exp(beta r), which keeps pi_ref's preferences among answers of equal reward;
+- `histogram`: one training question's answers, printed at the first and the last evaluation.
+After every training step (pick task): `distinct_correct_per_group`, and `rare_correct_frac`, the rollouts whose
+answer is correct and holds under RARE_SHARE of pi_ref's probability over the question's correct answers.
+The step-0 answers (the reference of the KL and the ratio spread) are kept in the checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import math
+import os
+import sys
+from typing import Optional
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import flowrl  # noqa: E402  (before torch: flowrl sets the OpenMP spin count that torch reads when it loads)
+from flowrl import Problem, Run  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+RARE_SHARE = 0.1   # a correct answer pi_ref rarely samples: under this share of its probability over the correct ones
+
+
+def entropy(counts: dict) -> float:
+    """Plug-in entropy in nats of the distribution the counts give (0 for no or one answer).
+
+    >>> round(entropy({"3": 2, "7": 2}), 4), entropy({"3": 5}), entropy({})
+    (0.6931, 0.0, 0.0)
+    """
+    total = sum(counts.values())
+    return sum(c / total * math.log(total / c) for c in counts.values() if c) if total else 0.0
+
+
+def smoothed_kl(p_counts: dict, q_counts: dict, alpha: float = 0.5) -> Optional[float]:
+    """KL(p || q) in nats between two answer distributions given by counts. Both are smoothed by adding alpha
+    (1/2: Krichevsky-Trofimov) to the count of every answer seen in either, so an answer one sample has and
+    the other lacks costs a finite amount. None when either has no answers.
+
+    >>> smoothed_kl({"3": 4, "7": 4}, {"3": 4, "7": 4}), round(smoothed_kl({"3": 8}, {"7": 8}), 3)
+    (0.0, 2.518)
+    """
+    if not sum(p_counts.values()) or not sum(q_counts.values()):
+        return None
+    support = set(p_counts) | set(q_counts)
+    p_total, q_total = (sum(counts.values()) + alpha * len(support) for counts in (p_counts, q_counts))
+    p = {answer: (p_counts.get(answer, 0) + alpha) / p_total for answer in support}
+    return sum(p[answer] * math.log(p[answer] / ((q_counts.get(answer, 0) + alpha) / q_total)) for answer in support)
+
+
+def ratio_spread(logprobs: dict, ref_logprobs: dict) -> float:
+    """The standard deviation, over a prompt's correct answers, of log pi_theta(y|x) - log pi_ref(y|x).
+
+    >>> ratio_spread({"3": -1.0, "7": -2.0}, {"3": -1.5, "7": -2.5})    # both answers moved by +0.5: kept
+    0.0
+    >>> ratio_spread({"3": -1.0, "7": -3.0}, {"3": -2.0, "7": -2.0})    # "3" up by 1, "7" down by 1
+    1.0
+    """
+    return float(np.std([logprobs[answer] - ref_logprobs[answer] for answer in logprobs]))
+
+
+def answer_entropy(logprobs: dict) -> float:
+    """Entropy (nats) of the policy's distribution over a prompt's correct answers, exact: each answer's scored
+    log pi(y|x), renormalised over the correct answers. No sampling noise, and no bias from how many samples were
+    correct (a plug-in entropy from n samples reads about (K - 1) / 2n low, Miller-Madow).
+
+    >>> round(answer_entropy({"3": math.log(0.1), "7": math.log(0.1)}), 4), answer_entropy({"3": -2.0})
+    (0.6931, 0.0)
+    """
+    log_p = torch.tensor(list(logprobs.values()), dtype=torch.float64).log_softmax(0)
+    return float(-(log_p.exp() * log_p).sum()) + 0.0      # + 0.0: one answer gives 0.0, not -0.0
+
+
+def answer_kl(logprobs: dict, ref_logprobs: dict) -> float:
+    """KL(policy || pi_ref) between their distributions over a prompt's correct answers, exact, each renormalised
+    over those answers: 0 when every correct answer has the same log-ratio log pi_theta / pi_ref.
+
+    >>> answer_kl({"3": -1.0, "7": -2.0}, {"3": -1.5, "7": -2.5})    # both moved by +0.5: pi_ref's preferences kept
+    0.0
+    >>> round(answer_kl({"3": -0.1, "7": -5.0}, {"3": -1.0, "7": -1.0}), 2)
+    0.65
+    """
+    answers = list(ref_logprobs)
+    log_p = torch.tensor([logprobs[a] for a in answers], dtype=torch.float64).log_softmax(0)
+    log_q = torch.tensor([ref_logprobs[a] for a in answers], dtype=torch.float64).log_softmax(0)
+    return float((log_p.exp() * (log_p - log_q)).sum())
+
+
+def with_intervals(per_question: dict[str, list], prefix: str) -> dict:
+    """For each list of per-question values, {prefix_name: the mean, prefix_name_ci95: the half-width of its 95%
+    confidence interval, 1.96 sample sd / sqrt(n)} (the normal approximation); None where there are too few.
+
+    >>> {k: round(v, 4) for k, v in with_intervals({"x": [1.0, 2.0, 3.0]}, "held_out").items()}
+    {'held_out_x': 2.0, 'held_out_x_ci95': 1.1316}
+    """
+    metrics = {}
+    for name, values in per_question.items():
+        metrics[f"{prefix}_{name}"] = float(np.mean(values)) if values else None
+        metrics[f"{prefix}_{name}_ci95"] = 1.96 * float(np.std(values, ddof=1)) / math.sqrt(len(values)) \
+            if len(values) > 1 else None
+    return metrics
+
+
+def distribution_metrics(counted: list[dict], reference: list[dict], prefix: str) -> dict:
+    """The sampled measures, means over questions with their 95% intervals: validity, distinct correct answers,
+    entropy of the correct-answer distribution, and its smoothed KL to the step-0 model's (`reference`; questions
+    where either has no correct answer skipped: `kl_prompts` counts the others)."""
+    kls = [smoothed_kl(now["correct"], then["correct"]) for now, then in zip(counted, reference)]
+    kls = [kl for kl in kls if kl is not None]
+    n = sum(counted[0]["answers"].values())
+    return {**with_intervals({"validity": [sum(c["correct"].values()) / n for c in counted],
+                              "distinct_correct": [len(c["correct"]) for c in counted],
+                              "entropy": [entropy(c["correct"]) for c in counted],
+                              "kl_to_step0": kls}, prefix),
+            f"{prefix}_kl_prompts": len(kls), f"{prefix}_sampled_questions": len(counted)}
+
+
+def exact_metrics(logprobs: list[dict], ref_logprobs: list[dict], prefix: str) -> dict:
+    """The exact measures (pick task), means over questions with their 95% intervals: the ratio spread, and the
+    entropy of the correct-answer distribution and its KL to pi_ref's, from scored log-probs."""
+    pairs = list(zip(logprobs, ref_logprobs))
+    return {**with_intervals({"ratio_spread": [ratio_spread(now, then) for now, then in pairs],
+                              "exact_entropy": [answer_entropy(now) for now in logprobs],
+                              "exact_kl_to_step0": [answer_kl(now, then) for now, then in pairs]}, prefix),
+            f"{prefix}_exact_questions": len(pairs)}
+
+
+def sample_answers(run: Run, problems: list[Problem], indices: list[int], samples: int, seed_key: tuple,
+                   progress=None) -> list[dict]:
+    """`samples` completions of each problems[i], i in indices, at the training temperature and top-p 1 (the
+    distribution training matches), problem i's from the seed (*seed_key, i); for each, how often each final
+    answer came, and each correct one."""
+    counted = []
+    for batch, rollouts in flowrl.sample_problems(run, problems, indices, samples, seed_key,
+                                                  temperature=run.cfg.temperature):
+        rewards = flowrl.rewards_of(rollouts.texts, [problems[i] for i in batch], samples, run.reward_fn)
+        for g in range(len(batch)):
+            group = slice(g * samples, (g + 1) * samples)
+            answers = [flowrl.final_answer(text) or "(no answer)" for text in rollouts.texts[group]]
+            correct = [answer for answer, r in zip(answers, rewards[group]) if r == 1.0]
+            counted.append({"answers": dict(collections.Counter(answers)),
+                            "correct": dict(collections.Counter(correct))})
+        if progress is not None:
+            progress.update()
+    return counted
+
+
+@torch.no_grad()
+def answer_logprobs(model, run: Run, problems: list[Problem]) -> list[dict]:
+    """The exact log pi(y|x) (at the training temperature) of each correct answer of each pick problem under
+    `model`, written as the chat template frames a response: the bare number, then EOS (one phrasing; the sampled
+    measures see all). Scored, not sampled: a question's answers share one pass over its prompt (padded to one
+    count by repeating the last), --micro-batch-size questions a pass. Eq. 6's fixed point gives responses of equal
+    length and reward the same ratio pi_theta / pi_ref: their log-ratios spread as the policy leaves pi_ref's
+    preferences."""
+    tokenizer, device = run.tokenizer, next(model.parameters()).device
+    answers = [problem.answer.split(", ") for problem in problems]
+    width = max(map(len, answers))                                                            # rows per question
+    prompts = tokenizer([flowrl.format_prompt(tokenizer, problem.question) for problem in problems],
+                        return_tensors="pt", padding=True, add_special_tokens=False).to(device)   # [P, L]
+    responses = [tokenizer(answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+                 for listed in answers for answer in listed + listed[-1:] * (width - len(listed))]
+    longest = max(map(len, responses))
+    completion_ids = torch.tensor([ids + [tokenizer.pad_token_id] * (longest - len(ids)) for ids in responses],
+                                  device=device)                                             # [P * width, T]
+    completion_mask = (torch.arange(longest, device=device) < torch.tensor([len(ids) for ids in responses],
+                                                                           device=device)[:, None]).long()
+    rollouts = flowrl.Rollouts(
+        input_ids=torch.cat([prompts.input_ids.repeat_interleave(width, dim=0), completion_ids], 1),
+        attention_mask=torch.cat([prompts.attention_mask.repeat_interleave(width, dim=0), completion_mask], 1),
+        prompt_length=prompts.input_ids.shape[1], completion_mask=completion_mask,
+        truncated=torch.zeros(len(responses), dtype=torch.bool), texts=[""] * len(responses))
+    token_logprobs = flowrl.batched_token_logprobs(model, rollouts, run.cfg.temperature,
+                                                   run.cfg.micro_batch_size * width, run.runtime, width)
+    sequence = (token_logprobs * rollouts.completion_mask).sum(-1).view(len(problems), width).tolist()
+    return [dict(zip(listed, row)) for listed, row in zip(answers, sequence)]     # zip drops the padding
+
+
+def rollout_coverage(run: Run, problems: list[Problem], texts: list[str]) -> dict[str, float]:
+    """Which correct answers a step's rollouts reached (pick task), summed over this process's groups: the distinct
+    correct final answers of each group, and `rare_correct`, the rollouts whose answer is correct and holds under
+    RARE_SHARE of pi_ref's probability over the question's correct answers (the bare answers scored exactly by
+    answer_logprobs; not counted without a reference model): what exploration should add."""
+    G, distinct, rare = run.cfg.group_size, 0, 0
+    ref_logprobs = answer_logprobs(run.reference, run, problems) if run.reference is not None else None
+    for g in range(len(problems)):
+        correct = set(problems[g].answer.split(", "))      # the answers pick_reward and answer_logprobs take
+        answers = [answer for answer in map(flowrl.final_answer, texts[g * G:(g + 1) * G]) if answer in correct]
+        distinct += len(set(answers))
+        if ref_logprobs is not None:
+            share = dict(zip(ref_logprobs[g], torch.tensor(list(ref_logprobs[g].values()), dtype=torch.float64)
+                             .softmax(0).tolist()))
+            rare += sum(share[answer] < RARE_SHARE for answer in answers)
+    return {"distinct_correct": float(distinct), "groups": float(len(problems)), "sequences": float(len(texts)),
+            **({"rare_correct": float(rare)} if run.reference is not None else {})}
+
+
+def print_histogram(counted: dict, temperature: float, step: int) -> None:
+    """A text histogram of one prompt's final answers (* marks a correct one), with the exact log-ratio
+    log pi_theta(y|x) - log pi_ref(y|x) of each correct answer when there is one."""
+    n = sum(counted["answers"].values())
+    log_ratio = counted.get("log_ratio") or {}
+    print(f"\nAnswers to {counted['question']!r}: {n} samples at T={temperature}, step {step} (* = correct"
+          + (", then log pi_theta/pi_ref of the bare answer" if log_ratio else "") + ")")
+    for answer, count in sorted(counted["answers"].items(), key=lambda item: (-item[1], item[0])):
+        mark = "*" if answer in counted["correct"] else " "
+        ratio = f"  ({log_ratio[answer]:+.2f})" if answer in log_ratio else ""
+        print(f"  {mark} {answer:>12.12}  {'#' * count} {count}{ratio}")
+
+
+class AnswerStudy(flowrl.Study):
+    """The answer distributions of fixed probe questions at every evaluation, against step 0's, and the coverage
+    of each step's rollouts (module docstring). `prompts` / `samples`: --answer-prompts / --answer-samples (None:
+    the resumed run's, else 16 / 32)."""
+
+    def __init__(self, prompts: Optional[int] = None, samples: Optional[int] = None):
+        self.prompts, self.samples = prompts, samples
+        self.step0_answers = None     # the step-0 model's: {"answers", "logprobs", "questions"}
+
+    def settings(self) -> tuple[int, int]:
+        return (16 if self.prompts is None else self.prompts), (32 if self.samples is None else self.samples)
+
+    def probes(self, run: Run) -> dict[str, list[Problem]]:
+        """The probe questions, the first of the (seed-independent) split: on the pick task every held-out question
+        and as many training questions, of which the first --answer-prompts are also sampled; elsewhere those."""
+        count = self.settings()[0]
+        if count and exact(run):
+            count = max(count, len(run.held_out))
+        return {"held_out": run.held_out[:count], "train": run.train_problems[:count]}
+
+    def step_metrics(self, run: Run, batch: flowrl.Batch) -> dict:
+        if not exact(run):
+            return {}
+        totals = run.runtime.sum(rollout_coverage(run, batch.problems, batch.rollouts.texts))
+        return {"distinct_correct_per_group": totals["distinct_correct"] / totals["groups"],
+                "rare_correct_frac": (totals["rare_correct"] / totals["sequences"]
+                                      if run.reference is not None else None)}
+
+    def evaluation_metrics(self, run: Run, step: int) -> dict:
+        """On each list of probe questions: the sampled measures on the first --answer-prompts against the step-0
+        answers, and on the pick task the exact ones on all. Every draw has its own seed: step 0's (run seed, 0,
+        "reference/...", question), this step's (run seed, step, "answers/...", question). The first evaluation
+        draws step 0's too; its own sample, a second draw of one model, is the KL's noise floor."""
+        sampled, samples = self.settings()
+        probes = self.probes(run)
+        if not any(probes.values()):
+            return {}
+        runtime = run.runtime
+        share = lambda problems: len(range(runtime.rank, min(len(problems), sampled), runtime.world_size))
+        progress = tqdm(desc=f"answer distributions, step {step}", unit="batch", leave=False,
+                        disable=not runtime.is_main, total=(1 if self.step0_answers is not None else 2) * sum(
+                            -(-share(p) // flowrl.problems_per_call(samples, run.cfg)) for p in probes.values()))
+
+        def answers_of(problems: list[Problem], seed_key: tuple) -> list[dict]:    # this process's share, gathered
+            indices = list(range(runtime.rank, min(len(problems), sampled), runtime.world_size))
+            return runtime.gather(sample_answers(run, problems, indices, samples, seed_key, progress))
+
+        def logprobs_of(problems: list[Problem]) -> Optional[list[dict]]:
+            return answer_logprobs(run.policy, run, problems) if exact(run) else None
+
+        if self.step0_answers is None:
+            self.step0_answers = {
+                "answers": {name: answers_of(p, (run.cfg.seed, 0, f"reference/{name}")) for name, p in probes.items()},
+                "logprobs": {name: logprobs_of(p) for name, p in probes.items()},
+                "questions": question_lists(probes)}
+        metrics = {}
+        for name, problems in probes.items():
+            counted = answers_of(problems, (run.cfg.seed, step, f"answers/{name}"))
+            metrics.update(distribution_metrics(counted, self.step0_answers["answers"][name], name))
+            logprobs, ref_logprobs = logprobs_of(problems), self.step0_answers["logprobs"][name]
+            if exact(run):
+                metrics.update(exact_metrics(logprobs, ref_logprobs, name))
+            if name == "train":
+                metrics["histogram"] = {"question": problems[0].question, **counted[0]}
+                if exact(run):
+                    metrics["histogram"]["log_ratio"] = {a: logprobs[0][a] - ref_logprobs[0][a] for a in logprobs[0]}
+        progress.close()
+        if runtime.is_main and metrics.get("histogram") and step in (0, run.cfg.steps):
+            print_histogram(metrics["histogram"], run.cfg.temperature, step)
+        return {**metrics, "dist_samples": samples}
+
+    def state_dict(self) -> dict:
+        prompts, samples = self.settings()
+        return {"step0_answers": self.step0_answers, "answer_prompts": prompts, "answer_samples": samples}
+
+    def load_state_dict(self, state: dict, run: Run) -> None:
+        """The resumed run's settings where none were given, and its step-0 answers if they are of these questions
+        (else the first evaluation after the resume draws them, and says so)."""
+        self.prompts = state.get("answer_prompts") if self.prompts is None else self.prompts
+        self.samples = state.get("answer_samples") if self.samples is None else self.samples
+        self.step0_answers = state.get("step0_answers")
+        if (self.step0_answers or {}).get("questions") != question_lists(self.probes(run)):
+            self.step0_answers = None
+            if run.runtime.is_main:
+                print(f"note: {run.checkpoint} holds no step-0 answer distribution of these questions: KL to step 0 "
+                      f"and the ratio spread will compare with the model at the first evaluation after step "
+                      f"{run.start_step}")
+
+
+def exact(run: Run) -> bool:
+    """Whether the correct answers can be listed and scored exactly: the built-in pick task."""
+    return run.cfg.task == "pick" and run.cfg.data is None
+
+
+def question_lists(probes: dict) -> dict:
+    return {name: [problem.question for problem in problems] for name, problems in probes.items()}
+
+
+def main(argv: Optional[list] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
+                                     epilog="Every other flag is flowrl.py's: python flowrl.py --help")
+    parser.add_argument("--answer-prompts", type=int, help="probe questions of each split sampled at every "
+                        "evaluation (pick: exact measures on every held-out one); default 16, or the resumed run's")
+    parser.add_argument("--answer-samples", type=int, help="samples a probe question, at --temperature and top-p "
+                        "1; default 32, or the resumed run's")
+    args, flowrl_argv = parser.parse_known_args(argv)
+    if args.answer_prompts is not None and args.answer_prompts < 0:
+        parser.error(f"--answer-prompts {args.answer_prompts}: must be >= 0 (0: no answer distributions)")
+    if args.answer_samples is not None and args.answer_samples < 2:
+        parser.error(f"--answer-samples {args.answer_samples}: must be >= 2")
+    flowrl.main(flowrl_argv, AnswerStudy(args.answer_prompts, args.answer_samples))
+
+
+if __name__ == "__main__":
+    main()
