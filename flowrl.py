@@ -558,6 +558,90 @@ def sample_from_scores(scores: torch.Tensor, uniforms: torch.Tensor) -> torch.Te
     return token.squeeze(-1).clamp(max=scores.shape[-1] - 1)    # u * total rounding up to the total: p = 2^-53
 
 
+class Decoder:
+    """The decode loop's forward passes on a KV cache preallocated for `rows` rows and `length` positions
+    (transformers' StaticCache): each prompt's prefill once, its cache copied to its G rows, then one token a step.
+    On a GPU the one-token forward is captured once as a CUDA graph and replayed every token, so that a step costs
+    one launch instead of a thousand kernels; it reads the weights where they are (autocast's cast cache off), so a
+    graph stays valid after optimiser steps. Elsewhere the same forward runs eagerly."""
+
+    def __init__(self, model, rows: int, length: int):
+        from transformers import StaticCache
+        device = next(model.parameters()).device
+        self.model, self.cache, self.graph = model, StaticCache(config=model.config, max_cache_len=length), None
+        self.token = torch.zeros(rows, 1, dtype=torch.long, device=device)        # [B, 1] this step's input
+        self.position = torch.zeros_like(self.token)                              # [B, 1] its position
+        self.mask = torch.ones(rows, length, dtype=torch.long, device=device)     # [B, L+T] prompt padding 0
+        self.logits = None                                                         # [B, V] the graph's output
+
+    def prefill(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, copies: int) -> torch.Tensor:
+        """The prompts [P, L] once, into the cache of their P * copies rows: logits of each row's first token."""
+        from transformers import DynamicCache
+        prompt_cache = DynamicCache(config=self.model.config)
+        logits = self.model(input_ids=prompt_ids, attention_mask=prompt_mask, cache=prompt_cache, use_cache=True,
+                            position_ids=position_ids_from_mask(prompt_mask), logits_to_keep=1).logits[:, -1]
+        prompt_cache.batch_repeat_interleave(copies)
+        if self.cache.is_initialized:
+            self.cache.reset()
+        for index, layer in enumerate(prompt_cache.layers):
+            self.cache.update(layer.keys, layer.values, index)                    # positions [0, L)
+        row_mask = prompt_mask.repeat_interleave(copies, dim=0)                   # [B, L]
+        self.mask.fill_(1)           # generated positions: the causal mask hides those not yet written
+        self.mask[:, :row_mask.shape[1]] = row_mask
+        self.position.copy_(row_mask.sum(-1, keepdim=True))
+        return logits.repeat_interleave(copies, dim=0)                            # [B, V]
+
+    def forward(self) -> torch.Tensor:
+        return self.model(input_ids=self.token, attention_mask=self.mask, position_ids=self.position,
+                          cache=self.cache, use_cache=True).logits[:, -1]
+
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        """The logits [B, V] that follow token [B], each row's next token."""
+        self.token.copy_(token.unsqueeze(-1))
+        if self.token.device.type != "cuda":
+            logits = self.forward()
+        else:
+            if self.graph is None:
+                self.capture()
+            self.graph.replay()
+            logits = self.logits
+        self.position += 1
+        return logits
+
+    def capture(self) -> None:
+        """Two eager warm-up steps on a side stream (the cache positions they write are written again, and cropped
+        off the cache's length), then the forward recorded as a CUDA graph with every weight cast inside it."""
+        autocast = dict(device_type="cuda", dtype=torch.get_autocast_dtype("cuda"),
+                        enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.autocast(**autocast):
+            for _ in range(2):
+                self.forward()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.cache.crop(-2)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), torch.autocast(**autocast):
+            self.logits = self.forward()
+
+
+DECODERS: dict = {}      # CUDA: the Decoders of recent (model, rows, length), so that their graphs are replayed
+EOS_CHECK_EVERY = 8      # CUDA: tokens between two checks that every row has ended (each check waits for the GPU)
+
+
+def decoder_for(model, rows: int, length: int) -> Decoder:
+    """A Decoder of `rows` rows and at least `length` positions; on a GPU the last four shapes' are kept for their
+    graphs, lengths rounded up to a multiple of 64 so that batches of other prompt lengths share one."""
+    if next(model.parameters()).device.type != "cuda":
+        return Decoder(model, rows, length)
+    key = (id(model), rows, -(-length // 64) * 64)
+    if key not in DECODERS:
+        while len(DECODERS) >= 4:
+            DECODERS.pop(next(iter(DECODERS)))
+        DECODERS[key] = Decoder(model, rows, key[2])
+    return DECODERS[key]
+
+
 @torch.no_grad()
 def sample_completions(model, tokenizer, prompts: list[str], samples_per_prompt: int, max_new_tokens: int,
                        temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
@@ -567,25 +651,20 @@ def sample_completions(model, tokenizer, prompts: list[str], samples_per_prompt:
     top_p < 1, from its nucleus; greedy: the argmax), nothing else applied: at the training temperature the
     rollouts come from exactly pi_old, the policy the loss scores. With `seeds` (one per prompt) prompt i's come from
     a generator seeded with seeds[i]: the same whatever else is in the batch; without, from torch's global one.
-    """
-    from transformers import DynamicCache
+    The uniforms of the draws stay on the device; on a GPU the loop checks for the end every EOS_CHECK_EVERY tokens
+    (the draws after it changes no completion)."""
     device = next(model.parameters()).device
     encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
     prompt_ids, prompt_mask = encoded.input_ids, encoded.attention_mask                 # [P, L]
     eos_ids = torch.tensor(eos_token_ids(model, tokenizer), device=device)
     generators = [torch.Generator(device).manual_seed(seed) for seed in seeds] if seeds is not None else None
+    check_every = EOS_CHECK_EVERY if device.type == "cuda" else 1
     was_training = model.training
     model.eval()
     try:
-        # Prefill: each prompt once; its G samples then share copies of its KV cache.
-        cache = DynamicCache(config=model.config)
-        logits = model(input_ids=prompt_ids, attention_mask=prompt_mask, cache=cache, use_cache=True,
-                       position_ids=position_ids_from_mask(prompt_mask), logits_to_keep=1).logits[:, -1]
-        cache.batch_repeat_interleave(samples_per_prompt)
-        logits = logits.repeat_interleave(samples_per_prompt, dim=0)                    # [B, V]
-        attention_mask = prompt_mask.repeat_interleave(samples_per_prompt, dim=0)      # [B, L], grows by 1 a step
-        position = attention_mask.sum(-1, keepdim=True)                                # [B, 1] next position
-        ended = torch.zeros(len(logits), dtype=torch.bool, device=device)              # [B]
+        decoder = decoder_for(model, len(prompts) * samples_per_prompt, prompt_ids.shape[1] + max_new_tokens)
+        logits = decoder.prefill(prompt_ids, prompt_mask, samples_per_prompt)       # [B, V]
+        ended = torch.zeros(len(logits), dtype=torch.bool, device=device)          # [B]
         tokens = []
         for _ in range(max_new_tokens):
             if greedy:
@@ -601,16 +680,15 @@ def sample_completions(model, tokenizer, prompts: list[str], samples_per_prompt:
             token = token.masked_fill(ended, tokenizer.pad_token_id)                    # ended rows keep padding
             tokens.append(token)
             ended |= torch.isin(token, eos_ids)
-            if len(tokens) == max_new_tokens or ended.all():
+            if len(tokens) == max_new_tokens or len(tokens) % check_every == 0 and ended.all():
                 break
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(token), 1)], dim=1)
-            logits = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=position,
-                           cache=cache, use_cache=True).logits[:, -1]
-            position = position + 1
+            logits = decoder.step(token)
     finally:
         model.train(was_training)
     completion_ids = torch.stack(tokens, dim=1)                                        # [B, T]
     completion_mask = completion_mask_from_ids(completion_ids, eos_ids.tolist())
+    longest = int(completion_mask.sum(-1).max())        # steps past the last EOS (GPU) left out
+    completion_ids, completion_mask = completion_ids[:, :longest], completion_mask[:, :longest]
     texts = [tokenizer.decode(ids[mask.bool()], skip_special_tokens=True)
              for ids, mask in zip(completion_ids, completion_mask)]
     return Rollouts(input_ids=torch.cat([prompt_ids.repeat_interleave(samples_per_prompt, dim=0), completion_ids], 1),
@@ -839,13 +917,15 @@ def policy_update(run: Run, batch: Batch) -> Update:
                     for name in ("log_z", "residual", "importance_weight")}
     loss_sums, grad_norm_sums, made, skipped = collections.defaultdict(float), collections.defaultdict(float), 0, 0
     groups = batch.trained_groups
-    for minibatch in groups[torch.randperm(len(groups))].tensor_split(cfg.updates_per_batch):
-        minibatch_rows = runtime.sum({"rows": len(minibatch) * cfg.group_size})["rows"]      # on all processes
+    minibatches = [[(rows.to(device), rows_per_prompt)                       # every pass's rows, on the device now
+                    for rows, rows_per_prompt in forward_passes(minibatch, cfg.group_size, cfg.micro_batch_size)]
+                   for minibatch in groups[torch.randperm(len(groups))].tensor_split(cfg.updates_per_batch)]
+    for passes in minibatches:
+        minibatch_rows = runtime.sum({"rows": sum(len(rows) for rows, _ in passes)})["rows"]    # on all processes
         if not minibatch_rows:
             continue
         sums = {"loss": torch.zeros((), device=device)}                             # this update's, on the device
-        for rows, rows_per_prompt in forward_passes(minibatch, cfg.group_size, cfg.micro_batch_size):
-            rows = rows.to(device)
+        for rows, rows_per_prompt in passes:
             loss, stats = micro_batch_loss(run, batch, rows, rows_per_prompt)
             for name, key in (("residual", "residual"), ("importance_weight", "weight"), ("log_z", "log_z")):
                 if key in stats:

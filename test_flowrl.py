@@ -1119,6 +1119,158 @@ def test_each_prompts_samples_depend_only_on_its_seed(tiny):
     assert other_seed.texts != alone.texts
 
 
+@torch.no_grad()
+def dynamic_cache_sample(model, tokenizer, prompts, samples_per_prompt, max_new_tokens, temperature=1.0, top_p=1.0,
+                         seeds=None):
+    """The decode loop flowrl.py had before its preallocated cache (b85b1db), kept as the reference: the prompts
+    prefilled into a DynamicCache repeated G times, a 2D attention mask grown by one column a step, the end checked
+    after every token. Returns the completion tokens [B, T]."""
+    from transformers import DynamicCache
+    device = next(model.parameters()).device
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    eos_ids = torch.tensor(flowrl.eos_token_ids(model, tokenizer), device=device)
+    generators = [torch.Generator(device).manual_seed(seed) for seed in seeds] if seeds is not None else None
+    cache = DynamicCache(config=model.config)
+    logits = model(input_ids=encoded.input_ids, attention_mask=encoded.attention_mask, cache=cache, use_cache=True,
+                   position_ids=flowrl.position_ids_from_mask(encoded.attention_mask), logits_to_keep=1).logits[:, -1]
+    cache.batch_repeat_interleave(samples_per_prompt)
+    logits = logits.repeat_interleave(samples_per_prompt, dim=0)
+    attention_mask = encoded.attention_mask.repeat_interleave(samples_per_prompt, dim=0)
+    position = attention_mask.sum(-1, keepdim=True)
+    ended, tokens = torch.zeros(len(logits), dtype=torch.bool, device=device), []
+    for _ in range(max_new_tokens):
+        scores = logits.float() / temperature
+        if top_p < 1.0:
+            scores = flowrl.top_p_filter(scores, top_p)
+        uniforms = torch.rand(len(scores), 1, dtype=torch.float64, device=device) if generators is None else \
+            torch.cat([torch.rand(samples_per_prompt, 1, dtype=torch.float64, generator=g, device=device)
+                       for g in generators])
+        token = flowrl.sample_from_scores(scores, uniforms).masked_fill(ended, tokenizer.pad_token_id)
+        tokens.append(token)
+        ended |= torch.isin(token, eos_ids)
+        if len(tokens) == max_new_tokens or ended.all():
+            break
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(token), 1)], dim=1)
+        logits = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=position, cache=cache,
+                       use_cache=True).logits[:, -1]
+        position = position + 1
+    return torch.stack(tokens, dim=1)
+
+
+def assert_the_decode_loop_draws_the_tokens_of_the_dynamic_cache_loop(model, tokenizer):
+    """The preallocated-cache decode loop (a CUDA graph on a GPU) against dynamic_cache_sample from the same random
+    numbers: the same tokens, with some rows ended early at a likely EOS, with top-p, with a seed per prompt; and
+    the same global random stream left behind on the CPU (the next draw is the same)."""
+    eos_bias = torch.zeros(model.config.vocab_size, device=model.device)
+    eos_bias[tokenizer.eos_token_id] = 1.5
+    hook = model.lm_head.register_forward_hook(lambda module, inputs, output: output + eos_bias)
+    prompts = ["What is 1 + 2?", "Hi", "What is 13 + 20?"]
+    ended_early = 0
+    for settings in (dict(), dict(temperature=0.8, top_p=0.9), dict(seeds=[5, 6, 7])):
+        torch.manual_seed(3)
+        expected = dynamic_cache_sample(model, tokenizer, prompts, 4, 16, **settings)
+        after_expected = torch.rand(1, device=model.device)
+        torch.manual_seed(3)
+        rollouts = flowrl.sample_completions(model, tokenizer, prompts, 4, 16, **settings)
+        assert torch.equal(rollouts.completion_ids, expected), settings
+        if model.device.type == "cpu":
+            assert torch.equal(torch.rand(1), after_expected)
+        ended_early += int((~rollouts.truncated).sum())
+    hook.remove()
+    assert 0 < ended_early < 3 * 12, ended_early     # rows that ended at EOS, and rows that ran to the limit
+
+
+def test_the_decode_loop_draws_the_tokens_of_the_dynamic_cache_loop(tiny_model_dir):
+    model, tokenizer = flowrl.load_model_and_tokenizer(tiny_model_dir)
+    assert_the_decode_loop_draws_the_tokens_of_the_dynamic_cache_loop(model, tokenizer)
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@needs_cuda
+def test_on_a_gpu_the_decode_loop_draws_the_tokens_of_the_dynamic_cache_loop(tiny_model_dir):
+    model, tokenizer = flowrl.load_model_and_tokenizer(tiny_model_dir)
+    assert_the_decode_loop_draws_the_tokens_of_the_dynamic_cache_loop(model.cuda(), tokenizer)
+
+
+@needs_cuda
+def test_a_replayed_graph_gives_the_eager_logits_also_after_an_optimiser_step(tiny_model_dir):
+    """The Decoder's CUDA graph against the same forward run eagerly on a second cache: equal logits at every step,
+    for a batch and again after an AdamW step has changed the weights in place (the graph reads them there)."""
+    model, tokenizer = flowrl.load_model_and_tokenizer(tiny_model_dir)
+    model.cuda()
+    encoded = tokenizer(["What is 1 + 2?", "Hi"], return_tensors="pt", padding=True, add_special_tokens=False).to("cuda")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(2):
+        graphed, eager = (flowrl.Decoder(model, 6, encoded.input_ids.shape[1] + 8) for _ in range(2))
+        with torch.no_grad():
+            assert torch.equal(graphed.prefill(encoded.input_ids, encoded.attention_mask, 3),
+                               eager.prefill(encoded.input_ids, encoded.attention_mask, 3))
+            for step in range(6):
+                token = torch.randint(3, 40, (6,), device="cuda")
+                replayed = graphed.step(token).clone()
+                eager.token.copy_(token[:, None])
+                assert torch.allclose(replayed, eager.forward(), atol=1e-5), step
+                eager.position += 1
+        assert graphed.graph is not None
+        model(**encoded).logits.sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+@needs_cuda
+def test_a_training_step_on_a_gpu_completes_offline(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("USE_HUB_KERNELS", raising=False)
+    cfg = tiny_config(tiny_model_dir, tmp_path / "gpu", steps=2, device="cuda", updates_per_batch=2)
+    flowrl.train(cfg)
+    records = [r for r in read_metrics(cfg.output_dir) if r["split"] == "train"]
+    assert [r["step"] for r in records] == [1, 2] and all(r["skipped_updates"] == 0 for r in records)
+    assert all(r["peak_memory_mb"] > 0 and math.isfinite(r["loss"]) for r in records)
+
+
+def test_chunked_log_probs_equal_the_full_softmax_in_value_and_gradient(monkeypatch):
+    """TokenLogprobs, a row at a time (LOGIT_CHUNK one row's logits), against log_softmax over the whole [B, T, V]
+    in float32, from bf16 and fp32 logits: the same log-probs and gradients to 1e-6."""
+    torch.manual_seed(0)
+    monkeypatch.setattr(flowrl, "LOGIT_CHUNK", 5 * 50)           # one row of [T = 5, V = 50]
+    token_ids = torch.randint(0, 50, (4, 5))
+    weights = torch.randn(4, 5)                                   # a loss that weighs each log-prob
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = (3 * torch.randn(4, 5, 50)).to(dtype).requires_grad_()
+        chunked = flowrl.TokenLogprobs.apply(logits, token_ids, 0.7)
+        (chunked * weights).sum().backward()
+        chunked_grad, logits.grad = logits.grad.clone(), None
+        full = (logits.float() / 0.7).log_softmax(-1).gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)
+        (full * weights).sum().backward()
+        assert torch.allclose(chunked, full, atol=1e-6), dtype
+        assert chunked_grad.dtype == dtype and torch.allclose(chunked_grad.float(), logits.grad.float(), atol=1e-6)
+
+
+def test_log_z_draws_a_dropout_mask_per_row_however_the_pass_is_cut(tiny):
+    """In training mode each row's log Z has its own dropout mask, whether its group shares one prompt pass
+    (micro-batches of whole groups), is cut into parts, or is scored row by row (gradient checkpointing): rows of
+    one prompt differ, and with the same random numbers the whole-group and row-by-row passes agree."""
+    model, tokenizer = tiny
+    torch.manual_seed(0)
+    rollouts = flowrl.sample_completions(model, tokenizer, ["What is 1 + 2?", "Hi"], 4, max_new_tokens=5)
+    head = LogZHead(model.config.hidden_size).train()
+    log_z = {}
+    for rows_per_prompt in (4, 2, 1):
+        torch.manual_seed(1)
+        with torch.no_grad():
+            log_z[rows_per_prompt] = token_logprobs_and_log_z(model, rollouts.input_ids, rollouts.attention_mask,
+                                                              rollouts.prompt_length, 1.0, head, rows_per_prompt)[1]
+        assert log_z[rows_per_prompt][:4].unique().numel() == 4, rows_per_prompt
+    assert torch.allclose(log_z[4], log_z[1], atol=1e-5) and torch.allclose(log_z[2], log_z[1], atol=1e-5)
+    head.eval()
+    with torch.no_grad():
+        evaluated = token_logprobs_and_log_z(model, rollouts.input_ids, rollouts.attention_mask,
+                                             rollouts.prompt_length, 1.0, head, 4)[1]
+    assert torch.allclose(evaluated[:4], evaluated[0].expand(4))     # without dropout, one value per prompt
+
+
 def soft_capped_models():
     from transformers import CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM, GraniteConfig, \
         GraniteForCausalLM
