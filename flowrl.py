@@ -717,7 +717,7 @@ class TokenLogprobs(torch.autograd.Function):
         picked = torch.empty_like(logsumexp)                                              # [B, T]
         for start in range(0, len(logits), ctx.rows):
             rows = slice(start, start + ctx.rows)
-            scores = logits[rows].float() / temperature                                   # [rows, T, V]
+            scores = logits[rows].to(torch.float32, copy=True).div_(temperature)         # [rows, T, V]
             logsumexp[rows] = scores.logsumexp(-1)
             picked[rows] = scores.gather(-1, token_ids[rows].unsqueeze(-1)).squeeze(-1)
         ctx.save_for_backward(logits, token_ids, logsumexp)
@@ -729,11 +729,11 @@ class TokenLogprobs(torch.autograd.Function):
         grad_logits = torch.empty_like(logits)                                            # [B, T, V]
         for start in range(0, len(logits), ctx.rows):
             rows = slice(start, start + ctx.rows)
-            softmax = (logits[rows].float() / ctx.temperature - logsumexp[rows].unsqueeze(-1)).exp()
-            upstream = grad[rows].unsqueeze(-1)                                           # [rows, T, 1]
-            # d/d logits of (logits_y - logsumexp(logits)) / T: (onehot(y) - softmax) / T
-            chunk = (-softmax * upstream).scatter_add_(-1, token_ids[rows].unsqueeze(-1), upstream)
-            grad_logits[rows] = chunk / ctx.temperature
+            upstream = grad[rows].unsqueeze(-1) / ctx.temperature                         # [rows, T, 1]
+            # d/d logits of (logits_y - logsumexp(logits)) / T = (onehot(y) - softmax) / T, in place
+            chunk = logits[rows].to(torch.float32, copy=True).div_(ctx.temperature)
+            chunk.sub_(logsumexp[rows].unsqueeze(-1)).exp_().mul_(-upstream)
+            grad_logits[rows] = chunk.scatter_add_(-1, token_ids[rows].unsqueeze(-1), upstream)
         return grad_logits, None, None
 
 
@@ -1815,8 +1815,8 @@ class Config:
     weight_decay: float = option(0.1, "AdamW weight decay (paper: 0.1)")
     warmup_steps: int = option(0, "linear lr warm-up steps (paper: 10)")
     max_grad_norm: float = option(1.0, "gradient clipping (paper: 1.0)")
-    updates_per_batch: int = option(1, "optimiser updates (mini-batches) per rollout batch (paper: 16); with 1, "
-                                    "pi_old is the current policy, w = 1, and no extra forward pass is made")
+    updates_per_batch: int = option(2, "optimiser updates (mini-batches of whole groups) per rollout batch (paper: "
+                                    "16): the importance weight w = pi_theta / pi_old moves from the second on")
     micro_batch_size: int = option(8, "sequences per forward pass (whole groups share their prompt's pass when it "
                                    "holds one): sets peak memory")
     gradient_checkpointing: bool = option(False, "trade compute for memory (GPU)")

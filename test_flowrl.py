@@ -788,7 +788,7 @@ def test_non_finite_loss_skips_the_update(tiny_model_dir, tmp_path, monkeypatch)
     cfg = tiny_config(tiny_model_dir, tmp_path / "nan", steps=1)
     flowrl.train(cfg)
     record = [r for r in read_metrics(cfg.output_dir) if r["split"] == "train"][0]
-    assert record["skipped_updates"] == 1
+    assert record["skipped_updates"] == cfg.updates_per_batch == 2 and record["updates"] == 0
     saved = AutoModelForCausalLM.from_pretrained(os.path.join(cfg.output_dir, "checkpoint"))
     initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     for a, b in zip(saved.parameters(), initial.parameters()):
@@ -1613,7 +1613,7 @@ def test_two_processes_train_log_save_and_resume_through_the_cli(tiny_model_dir,
     """What torchrun --nproc_per_node=2 does, with gloo: one metrics line per step (rank 0 alone logs, evaluates
     and saves), and a resumed run continues the saved one."""
     output_dir = str(tmp_path / "ddp")
-    flags = ["--model", tiny_model_dir, "--output-dir", output_dir, "--prompts-per-step", "2", "--group-size", "4",
+    flags = ["--model", tiny_model_dir, "--output-dir", output_dir, "--prompts-per-step", "4", "--group-size", "4",
              "--max-new-tokens", "6", "--micro-batch-size", "4", "--operations", "+", "--max-operand", "3",
              "--eval-size", "4", "--eval-samples", "2", "--pass-k", "2", "--show-examples", "0", "--lr", "1e-3",
              "--log-rollouts"]
@@ -1622,9 +1622,10 @@ def test_two_processes_train_log_save_and_resume_through_the_cli(tiny_model_dir,
                                 args=(2, free_port(), ["--resume", output_dir, "--steps", "3"]))
     records = read_metrics(output_dir)
     assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3]
-    assert [r["step"] for r in records if r["split"] == "eval"] == [0, 2, 3]   # one run's log: no re-evaluation at the resume
+    assert [r["step"] for r in records if r["split"] == "eval"] == [0, 2, 3]   # one log: no re-evaluation at resume
+    assert all(r["updates"] == 2 for r in records if r["split"] == "train")       # the default, 2 groups a process
     with open(os.path.join(output_dir, "rollouts.jsonl")) as f:
-        assert len(f.readlines()) == 3 * 2 * 4      # both processes' completions, logged once
+        assert len(f.readlines()) == 3 * 4 * 4      # both processes' completions, logged once
     state = torch.load(os.path.join(output_dir, "checkpoint", "trainer_state.pt"), weights_only=False)
     assert state["step"] == 3
 
@@ -1910,7 +1911,7 @@ def test_a_signal_to_one_process_stops_all_at_the_same_step_with_a_checkpoint(ti
     flags = ["--model", tiny_model_dir, "--output-dir", output_dir, "--prompts-per-step", "2", "--group-size", "4",
              "--max-new-tokens", "4", "--micro-batch-size", "4", "--operations", "+", "--max-operand", "3",
              "--eval-size", "4", "--eval-samples", "2", "--pass-k", "2", "--show-examples", "0", "--steps", "4",
-             "--save-every", "0", "--timeout-minutes", "1"]
+             "--save-every", "0", "--timeout-minutes", "1", "--updates-per-batch", "1"]
     codes = join_within(spawn_workers(signalled_rank_worker, 2, flags), 180)
     assert codes[1] == 143 and codes[0] != 0
     state = torch.load(os.path.join(output_dir, "checkpoint", "trainer_state.pt"), weights_only=False)
@@ -2256,7 +2257,7 @@ def test_the_study_runs_under_two_processes_and_resumes(tiny_model_dir, tmp_path
     flags = ["--model", tiny_model_dir, "--output-dir", output_dir, "--task", "pick", "--prompts-per-step", "2",
              "--group-size", "4", "--max-new-tokens", "3", "--micro-batch-size", "4", "--eval-size", "4",
              "--eval-samples", "2", "--pass-k", "2", "--show-examples", "0", "--answer-prompts", "2",
-             "--answer-samples", "4"]
+             "--answer-samples", "4", "--updates-per-batch", "1"]
     torch.multiprocessing.spawn(distributed_study_worker, nprocs=2, args=(2, free_port(), flags + ["--steps", "1"]))
     state_path = os.path.join(output_dir, "checkpoint", "trainer_state.pt")
     step0_answers = torch.load(state_path, weights_only=False)["study"]["step0_answers"]

