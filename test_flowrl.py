@@ -310,12 +310,13 @@ def test_group_normalize_without_the_std_is_the_centred_reward():
 
 
 def test_loss_diagnostics_on_a_hand_made_batch():
-    """Three groups of 2: one whose rewards are all equal, one left out of the loss (NaN residuals)."""
+    """bench/pick_study.py's account of what the loss did. Three groups of 2: one whose rewards are all equal, one
+    left out of the loss (NaN residuals)."""
     rewards = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 1.0])
     residual = torch.tensor([0.5, -1.5, 2.0, 2.0, float("nan"), float("nan")])
     log_z = torch.tensor([0.3, 0.3, -1.0, -1.0, float("nan"), float("nan")])
     reward_hat = torch.tensor([0.7, -0.7, 0.0, 0.0, -0.7, 0.7])
-    d = flowrl.loss_diagnostics(rewards, residual, log_z, reward_hat, 2.0, 2)
+    d = pick_study.loss_diagnostics(rewards, residual, log_z, reward_hat, 2.0, 2)
     assert d["groups"] == 3 and d["equal_reward_groups"] == 1 and d["groups_in_loss"] == 2
     # group means -0.5 and 2.0: what log Z should have absorbed; within: +-1 and 0
     assert d["residual_group_mean_sq"] == pytest.approx(0.25 + 4.0)
@@ -325,7 +326,7 @@ def test_loss_diagnostics_on_a_hand_made_batch():
     # log-ratio = residual - log Z + beta r_hat: 1.6 and -3.2 (within: +-2.4) against beta r_hat +-1.4; 3 and 3
     assert d["log_ratio_within_sq"] == pytest.approx(2 * 2.4 ** 2)
     assert d["log_ratio_reward_cov"] == pytest.approx(2 * 2.4 * 1.4)
-    assert set(flowrl.loss_diagnostics(rewards, torch.full((6,), float("nan")), log_z, reward_hat, 2.0, 2)) == \
+    assert set(pick_study.loss_diagnostics(rewards, torch.full((6,), float("nan")), log_z, reward_hat, 2.0, 2)) == \
         {"groups", "equal_reward_groups"}          # GRPO: no residual
 
 
@@ -683,7 +684,7 @@ def test_end_to_end_train_checkpoint_resume(tiny_model_dir, tmp_path, monkeypatc
     monkeypatch.setattr(flowrl, "reward_function", lambda cfg: lambda completion, answer: float(len(completion) % 2))
     straight = tiny_config(tiny_model_dir, tmp_path / "straight", algo=algo, steps=3, updates_per_batch=2,
                            log_rollouts=True, temperature=2.0, **changes)
-    flowrl.train(straight)
+    flowrl.train(straight, pick_study.PickStudy(prompts=0))   # the loss's diagnostics; the resumed run goes without
     records = read_metrics(straight.output_dir)
     train_records = [r for r in records if r["split"] == "train"]
     assert [r["step"] for r in train_records] == [1, 2, 3]
@@ -757,7 +758,7 @@ def test_how_often_a_run_evaluates_changes_neither_its_training_nor_its_evaluati
     for every in (1, 2):
         cfg = tiny_config(tiny_model_dir, tmp_path / f"every{every}", steps=4, eval_every=every, task="pick",
                           max_new_tokens=3, eval_size=4, explore_temperature=2.0)
-        flowrl.train(cfg, pick_study.AnswerStudy(prompts=2, samples=4))
+        flowrl.train(cfg, pick_study.PickStudy(prompts=2, samples=4))
         runs[every] = [{k: v for k, v in r.items() if k not in timing} for r in read_metrics(cfg.output_dir)]
     train_every1, train_every2 = ([r for r in runs[every] if r["split"] == "train"] for every in (1, 2))
     assert len(train_every1) == 4 and train_every1 == train_every2
@@ -1197,13 +1198,14 @@ def test_on_a_gpu_the_decode_loop_draws_the_tokens_of_the_dynamic_cache_loop(tin
 @needs_cuda
 def test_a_replayed_graph_gives_the_eager_logits_also_after_an_optimiser_step(tiny_model_dir):
     """The Decoder's CUDA graph against the same forward run eagerly on a second cache: equal logits at every step,
-    for a batch and again after an AdamW step has changed the weights in place (the graph reads them there)."""
+    for a batch and again, with the same graph, after an AdamW step has changed the weights in place."""
     model, tokenizer = flowrl.load_model_and_tokenizer(tiny_model_dir)
     model.cuda()
     encoded = tokenizer(["What is 1 + 2?", "Hi"], return_tensors="pt", padding=True, add_special_tokens=False).to("cuda")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    graphed = flowrl.Decoder(model, 6, encoded.input_ids.shape[1] + 8)      # captured in the first round, kept
     for _ in range(2):
-        graphed, eager = (flowrl.Decoder(model, 6, encoded.input_ids.shape[1] + 8) for _ in range(2))
+        eager = flowrl.Decoder(model, 6, encoded.input_ids.shape[1] + 8)
         with torch.no_grad():
             assert torch.equal(graphed.prefill(encoded.input_ids, encoded.attention_mask, 3),
                                eager.prefill(encoded.input_ids, encoded.attention_mask, 3))
@@ -1451,6 +1453,7 @@ def distributed_update_worker(rank, world_size, port, tiny_model_dir, batch_path
     update(setup, rollouts, reward_hat, ref_logprobs, trained, runtime)
     if rank == 0:
         torch.save({"policy": policy.state_dict(), "head": head.state_dict()}, result_path)
+    flowrl.dist.barrier()       # no collective still in flight when a peer leaves
     flowrl.dist.destroy_process_group()
 
 
@@ -1831,6 +1834,7 @@ def nan_batch_worker(rank, world_size, port, tiny_model_dir, batch_path, result_
     second = update(setup, rollouts, reward_hat, ref_logprobs, runtime=runtime)
     torch.save({"skipped": (first.skipped_updates, second.skipped_updates), "unchanged": unchanged,
                 "policy": policy.state_dict()}, f"{result_path}.{rank}")
+    flowrl.dist.barrier()       # no collective still in flight when a peer leaves
     flowrl.dist.destroy_process_group()
 
 
@@ -2056,7 +2060,7 @@ def study_run(model, tokenizer, cfg, count, prompts, samples, reward_fn=flowrl.p
     """A Run of the model on the first `count` pick questions of each split, with the pick study beside it."""
     probes = pick_probes(count)
     return flowrl.Run(cfg, runtime, model, tokenizer, reward_fn=reward_fn, held_out=probes["held_out"],
-                      train_problems=probes["train"], study=pick_study.AnswerStudy(prompts, samples))
+                      train_problems=probes["train"], study=pick_study.PickStudy(prompts, samples))
 
 
 def test_an_unchanged_model_is_not_scored_against_its_own_random_numbers(tiny_model_dir, tmp_path):
@@ -2115,12 +2119,12 @@ def test_the_probe_questions_cover_every_held_out_question_exactly_and_the_first
     pick = tiny_config(tiny_model_dir, tmp_path, task="pick", eval_size=20)
     train, held_out = flowrl.load_problems(pick)
     run = flowrl.Run(pick, LOCAL, None, None, train_problems=train, held_out=held_out)
-    assert pick_study.AnswerStudy(6).probes(run) == {"held_out": held_out, "train": train[:20]}
+    assert pick_study.PickStudy(6).probes(run) == {"held_out": held_out, "train": train[:20]}
     arithmetic = tiny_config(tiny_model_dir, tmp_path)
     train, held_out = flowrl.load_problems(arithmetic)
     run = flowrl.Run(arithmetic, LOCAL, None, None, train_problems=train, held_out=held_out)
-    assert pick_study.AnswerStudy(3).probes(run) == {"held_out": held_out[:3], "train": train[:3]}
-    assert not any(pick_study.AnswerStudy(0).probes(run).values())
+    assert pick_study.PickStudy(3).probes(run) == {"held_out": held_out[:3], "train": train[:3]}
+    assert not any(pick_study.PickStudy(0).probes(run).values())
 
 
 def test_each_measure_says_how_many_questions_it_covers_and_its_interval(tiny_model_dir, tmp_path):
@@ -2215,7 +2219,7 @@ def evaluate_pick(tiny_model_dir, cfg, runtime=LOCAL):
     model, tokenizer = flowrl.load_model_and_tokenizer(tiny_model_dir)
     train, held_out = flowrl.load_problems(cfg)
     run = flowrl.Run(cfg, runtime, model, tokenizer, reward_fn=flowrl.pick_reward, train_problems=train,
-                     held_out=held_out, study=pick_study.AnswerStudy(3, 6))
+                     held_out=held_out, study=pick_study.PickStudy(3, 6))
     record = flowrl.evaluate(run, 0)
     return {"record": record, "step0_answers": run.study.step0_answers}
 
@@ -2224,6 +2228,7 @@ def evaluation_worker(rank, world_size, port, tiny_model_dir, cfg, result_path):
     set_torchrun_environment(rank, world_size, port)
     runtime = flowrl.start_runtime("cpu", timeout_minutes=1.0)
     torch.save(evaluate_pick(tiny_model_dir, cfg, runtime), f"{result_path}.{runtime.rank}")
+    flowrl.dist.barrier()       # no collective still in flight when a peer leaves
     flowrl.dist.destroy_process_group()
 
 
@@ -2272,7 +2277,7 @@ def test_the_study_runs_under_two_processes_and_resumes(tiny_model_dir, tmp_path
 
 def test_resuming_a_checkpoint_without_step0_answers_says_what_it_compares_with(tiny_model_dir, tmp_path, capsys):
     cfg = tiny_config(tiny_model_dir, tmp_path / "run", steps=1, task="pick", max_new_tokens=3, eval_size=50)
-    flowrl.train(cfg, pick_study.AnswerStudy(2, 4))
+    flowrl.train(cfg, pick_study.PickStudy(2, 4))
     state_path = os.path.join(cfg.output_dir, "checkpoint", "trainer_state.pt")
     state = torch.load(state_path, weights_only=False)
     assert set(state["study"]["step0_answers"]["answers"]) == {"held_out", "train"}
@@ -2289,3 +2294,24 @@ def test_resuming_a_checkpoint_without_step0_answers_says_what_it_compares_with(
     pick_study.main(["--resume", cfg.output_dir, "--steps", "4"])
     assert "holds no step-0 answer distribution of these questions" in capsys.readouterr().out
     assert read_metrics(cfg.output_dir)[-1]["held_out_exact_questions"] == 50
+
+
+# ------------------------------------------------------------------------------------------------------
+# The GPU benchmark (bench/gpu_side_by_side.py), run on a CPU with the tiny model
+# ------------------------------------------------------------------------------------------------------
+def test_the_gpu_benchmark_runs_each_part_and_sums_them_up(tiny_model_dir):
+    """flowrl.py's part and the recipe's give their step, generation and training times, decode ms per token and
+    peak memory; TRL's part says why it did not run; the summary is one JSON line."""
+    import subprocess
+    done = subprocess.run([sys.executable, "bench/gpu_side_by_side.py", "--model", tiny_model_dir, "-P", "2", "-G",
+                           "2", "-M", "4", "-S", "2", "--recipe", "2", "2", "6", "--recipe-steps", "2", "--skip-trl"],
+                          cwd=os.path.dirname(os.path.abspath(flowrl.__file__)), capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert "error" not in summary["flowrl"] and "error" not in summary["recipe"], summary
+    assert summary["trl"] == {"error": "skipped"} and "step_ratio" not in summary
+    for part, tokens in (("flowrl", 4), ("recipe", 6)):
+        numbers = summary[part]
+        assert numbers["M"] == tokens and numbers["step_s"] > 0 and numbers["peak_mb"] > 0, part
+        assert numbers["decode_ms_per_token"] == pytest.approx(1000 * numbers["generation_s"] / tokens)

@@ -76,6 +76,8 @@ def setting_of(config: dict) -> str:
         parts.append(f"T {config['explore_temperature']:g}")
     if config["lr"] != 3e-5:
         parts.append(f"lr {config['lr']:g}")
+    if config.get("updates_per_batch", 1) != 1:          # the study's runs made one update a rollout batch
+        parts.append(f"{config['updates_per_batch']} updates a batch")
     return ", ".join(parts)
 
 
@@ -426,11 +428,12 @@ def draw(runs: dict, path: str, only: list[str]) -> None:
 
 def label(setting: str) -> str:
     """A setting's name for a figure's legend, in words: "FlowRL beta 3, no 1/|y|, T 1.5" -> "FlowRL beta 3 without
-    Eq. 6's 1/|y|, rollouts at T 1.5"."""
+    Eq. 6's 1/|y|, rollouts at T 1.5"; Eq. 6 unchanged at another beta than the paper's 15 says so."""
     words = setting.replace(", no 1/|y|", " without Eq. 6's 1/|y|").replace(", no std", " without Eq. 5's std")
     words = re.sub(r", T ([\d.]+)", r", rollouts at T \1", words).replace("lr 0.0001", "lr 1e-4")
-    return words + (" (Eq. 6 as written)" if words.startswith("FlowRL beta") and "without" not in words
-                    and "log Z" not in words and "skip" not in words else "")
+    plain = words.startswith("FlowRL beta") and not any(change in words for change in ("without", "log Z", "skip"))
+    return words + ((" (the paper's setting)" if words.startswith("FlowRL beta 15") else " (Eq. 6; the paper's "
+                     "beta is 15)") if plain else "")
 
 
 def seed_bands(runs: list[dict], values) -> tuple[list, list, list, list]:

@@ -18,8 +18,10 @@ each a mean over questions with its 95% interval (`..._ci95`):
   `exact_kl_to_step0` and `ratio_spread`, the sd of log pi_theta / pi_ref over a question's correct answers, 0 at
   Eq. 2's target p* ~ pi_ref exp(beta r), which keeps pi_ref's preferences among answers of equal reward;
 - `histogram`: one training question's answers, printed at the first and the last evaluation.
-After every training step (pick task): `distinct_correct_per_group`, and `rare_correct_frac`, the rollouts whose
-answer is correct and holds under RARE_SHARE of pi_ref's probability over the question's correct answers.
+After every training step, what FlowRL's loss did (`loss_metrics`: the residual split into what log Z should absorb
+and what only the policy can remove, and the slope of Eq. 6's log-ratio on beta r_hat, 0 before the policy moves
+towards the target, 1 at it); on the pick task `distinct_correct_per_group`, and `rare_correct_frac`, the rollouts
+whose answer is correct and holds under RARE_SHARE of pi_ref's probability over the question's correct answers.
 The step-0 answers (the reference of the KL and the ratio spread) are kept in the checkpoint.
 """
 from __future__ import annotations
@@ -214,6 +216,66 @@ def rollout_coverage(run: Run, problems: list[Problem], texts: list[str]) -> dic
             **({"rare_correct": float(rare)} if run.reference is not None else {})}
 
 
+def loss_diagnostics(rewards: torch.Tensor, residual: torch.Tensor, log_z: torch.Tensor, reward_hat: torch.Tensor,
+                     beta: float, group_size: int) -> dict[str, float]:
+    """What the loss did, as sums over this process's groups in FlowRL's loss (loss_metrics makes them means).
+    rewards, residual, log_z, reward_hat [B], groups contiguous; residual and log_z NaN outside the loss. The
+    residual splits into its group means (what log Z should absorb; `log_z_target` would zero them) and the part
+    within groups, which only the policy removes: beta r_hat while its log-ratios to pi_ref are all equal (the loss
+    then acts as a policy gradient on r_hat), 0 at the target. The slope of Eq. 6's log-ratio on beta r_hat within
+    groups, log_ratio_reward_cov / beta_reward_hat_sq: 0 before the policy moves towards the target, 1 at it.
+
+    >>> d = loss_diagnostics(torch.tensor([1., 0, 1, 1]), torch.tensor([1., -1, 0.5, 0.5]), torch.zeros(4),
+    ...                      torch.tensor([.7, -.7, 0, 0]), 1.0, 2)
+    >>> d["equal_reward_groups"], d["residual_group_mean_sq"], d["residual_within_sq"], d["log_z_target"]
+    (1.0, 0.25, 2.0, -0.5)
+    >>> round(d["log_ratio_reward_cov"] / d["beta_reward_hat_sq"], 2)    # log-ratios +-1.7 for beta r_hat +-0.7
+    2.43
+    """
+    equal = flowrl.equal_reward_groups(rewards, group_size)                                      # [groups]
+    diagnostics = {"groups": float(len(equal)), "equal_reward_groups": float(equal.sum())}
+    residual = residual.view(-1, group_size)
+    in_loss = ~residual.isnan().any(-1)                                                   # [groups]
+    if not in_loss.any():                                                                 # GRPO, or none in the loss
+        return diagnostics
+    residual, log_z = residual[in_loss], log_z.view(-1, group_size)[in_loss]               # [groups in loss, G]
+    beta_reward_hat = beta * reward_hat.view(-1, group_size)[in_loss]
+    group_mean = residual.mean(-1, keepdim=True)                                          # [groups in loss, 1]
+    log_ratio = residual - log_z + beta_reward_hat               # as residual = log Z + log-ratio - beta r_hat
+    log_ratio_within = log_ratio - log_ratio.mean(-1, keepdim=True)    # r_hat already has group mean 0 (Eq. 5)
+    diagnostics.update({
+        "groups_in_loss": in_loss.sum().item(),
+        "residual_group_mean_sq": group_mean.pow(2).sum().item(),
+        "residual_within_sq": (residual - group_mean).pow(2).sum().item(),
+        "beta_reward_hat_sq": beta_reward_hat.pow(2).sum().item(),
+        "log_ratio_within_sq": log_ratio_within.pow(2).sum().item(),
+        "log_ratio_reward_cov": (log_ratio_within * beta_reward_hat).sum().item(),
+        "log_z_target": (log_z.mean(-1) - group_mean.squeeze(-1)).sum().item(),
+    })
+    return diagnostics
+
+
+def loss_metrics(run: Run, batch: flowrl.Batch, update: flowrl.Update) -> dict:
+    """loss_diagnostics summed over processes, as the means and root-mean-squares the study logs: the residual
+    split (`residual_group_mean_rms`, `residual_within_rms` beside `beta_reward_hat_rms`), `log_ratio_within_rms`,
+    `log_ratio_slope` and `log_z_target_mean`."""
+    per_sequence = {name: values.cpu() for name, values in update.per_sequence.items()}
+    totals = run.runtime.sum(loss_diagnostics(batch.rewards.cpu(), per_sequence["residual"], per_sequence["log_z"],
+                                              batch.reward_hat.cpu(), run.cfg.beta, run.cfg.group_size))
+    groups = totals.get("groups_in_loss", 0.0)
+    sequences = groups * run.cfg.group_size
+
+    def mean(name: str, count: float, root: bool = False) -> Optional[float]:
+        value = totals.get(name, 0.0)
+        return None if not count else math.sqrt(value / count) if root else value / count
+    return {"residual_group_mean_rms": mean("residual_group_mean_sq", groups, root=True),
+            "residual_within_rms": mean("residual_within_sq", sequences, root=True),
+            "log_ratio_within_rms": mean("log_ratio_within_sq", sequences, root=True),
+            "log_ratio_slope": mean("log_ratio_reward_cov", totals.get("beta_reward_hat_sq", 0.0)),
+            "beta_reward_hat_rms": mean("beta_reward_hat_sq", sequences, root=True),
+            "log_z_target_mean": mean("log_z_target", groups)}
+
+
 def print_histogram(counted: dict, temperature: float, step: int) -> None:
     """A text histogram of one prompt's final answers (* marks a correct one), with the exact log-ratio
     log pi_theta(y|x) - log pi_ref(y|x) of each correct answer when there is one."""
@@ -227,10 +289,10 @@ def print_histogram(counted: dict, temperature: float, step: int) -> None:
         print(f"  {mark} {answer:>12.12}  {'#' * count} {count}{ratio}")
 
 
-class AnswerStudy(flowrl.Study):
-    """The answer distributions of fixed probe questions at every evaluation, against step 0's, and the coverage
-    of each step's rollouts (module docstring). `prompts` / `samples`: --answer-prompts / --answer-samples (None:
-    the resumed run's, else 16 / 32)."""
+class PickStudy(flowrl.Study):
+    """What the loss did at each step, the coverage of its rollouts, and the answer distributions of fixed probe
+    questions at every evaluation against step 0's (module docstring). `prompts` / `samples`: --answer-prompts /
+    --answer-samples (None: the resumed run's, else 16 / 32)."""
 
     def __init__(self, prompts: Optional[int] = None, samples: Optional[int] = None):
         self.prompts, self.samples = prompts, samples
@@ -247,13 +309,14 @@ class AnswerStudy(flowrl.Study):
             count = max(count, len(run.held_out))
         return {"held_out": run.held_out[:count], "train": run.train_problems[:count]}
 
-    def step_metrics(self, run: Run, batch: flowrl.Batch) -> dict:
-        if not exact(run):
-            return {}
-        totals = run.runtime.sum(rollout_coverage(run, batch.problems, batch.rollouts.texts))
-        return {"distinct_correct_per_group": totals["distinct_correct"] / totals["groups"],
-                "rare_correct_frac": (totals["rare_correct"] / totals["sequences"]
-                                      if run.reference is not None else None)}
+    def step_metrics(self, run: Run, batch: flowrl.Batch, update: flowrl.Update) -> dict:
+        metrics = loss_metrics(run, batch, update) if run.cfg.algo == "flowrl" else {}
+        if exact(run):
+            totals = run.runtime.sum(rollout_coverage(run, batch.problems, batch.rollouts.texts))
+            metrics.update(distinct_correct_per_group=totals["distinct_correct"] / totals["groups"],
+                           rare_correct_frac=(totals["rare_correct"] / totals["sequences"]
+                                              if run.reference is not None else None))
+        return metrics
 
     def evaluation_metrics(self, run: Run, step: int) -> dict:
         """On each list of probe questions: the sampled measures on the first --answer-prompts against the step-0
@@ -337,7 +400,7 @@ def main(argv: Optional[list] = None) -> None:
         parser.error(f"--answer-prompts {args.answer_prompts}: must be >= 0 (0: no answer distributions)")
     if args.answer_samples is not None and args.answer_samples < 2:
         parser.error(f"--answer-samples {args.answer_samples}: must be >= 2")
-    flowrl.main(flowrl_argv, AnswerStudy(args.answer_prompts, args.answer_samples))
+    flowrl.main(flowrl_argv, PickStudy(args.answer_prompts, args.answer_samples))
 
 
 if __name__ == "__main__":
