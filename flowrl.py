@@ -541,7 +541,7 @@ class Decoder:
         return model.flowrl_decoder
 
     def prefill(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, copies: int) -> torch.Tensor:
-        """The prompts [P, L] once, into the cache of their P * copies rows: logits of each row's first token."""
+        """The prompts [N, L] once, into the cache of their N * copies rows: logits of each row's first token."""
         from transformers import DynamicCache
         prompt_cache = DynamicCache(config=self.model.config)
         logits = self.model(input_ids=prompt_ids, attention_mask=prompt_mask, cache=prompt_cache, use_cache=True,
@@ -605,7 +605,7 @@ def sample_completions(model, tokenizer, prompts: list[str], samples_per_prompt:
     On a GPU the end is checked every EOS_CHECK_EVERY tokens (the draws after it change no completion)."""
     device = next(model.parameters()).device
     encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-    prompt_ids, prompt_mask = encoded.input_ids, encoded.attention_mask                 # [P, L]
+    prompt_ids, prompt_mask = encoded.input_ids, encoded.attention_mask                 # [prompts, L]
     eos_ids = torch.tensor(eos_token_ids(model, tokenizer), device=device)
     generators = [torch.Generator(device).manual_seed(seed) for seed in seeds] if seeds is not None else None
     check_every, was_training = EOS_CHECK_EVERY if device.type == "cuda" else 1, model.training
@@ -682,20 +682,20 @@ class TokenLogprobs(torch.autograd.Function):
 
 
 def token_logprobs_and_log_z(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int,
-                             temperature: float, log_z_head: Optional[LogZHead] = None, rows_per_prompt: int = 1):
+                             temperature: float, log_z_head: Optional[LogZHead] = None, rows_per_pass: int = 1):
     """Per-token log pi(y_t | x, y_<t) of the response [B, T] and, with a head, log Z_phi(x) [B], from one forward
     pass: the model's own logits (soft-capping and all) at the T positions that predict the response, and its last
-    hidden states over the prompt. With rows_per_prompt k > 1 (rows [i*k, (i+1)*k) complete one prompt) each prompt
-    is passed once and its k completions on copies of its KV cache. log Z is computed row by row, so each row draws
-    its own dropout mask however the pass is cut (as the official code, which scores each row on its own)."""
+    hidden states over the prompt. With rows_per_pass k > 1 (rows [i*k, (i+1)*k) complete one prompt) each prompt
+    is passed once and its k completions on copies of its KV cache. Every row gets its own copy of its prompt's
+    states, so each draws its own dropout mask in the head however the pass is cut (as in the official code)."""
     completion_length = input_ids.shape[1] - prompt_length                   # T
     positions = position_ids_from_mask(attention_mask)                       # [B, P+T]
     # Gradient checkpointing drops the KV cache when it will replay the layers in the backward pass.
-    shared_prompt_pass = rows_per_prompt > 1 and completion_length > 1 and not (
+    shared_prompt_pass = rows_per_pass > 1 and completion_length > 1 and not (
         torch.is_grad_enabled() and model.is_activation_checkpointing)
     if shared_prompt_pass:
         from transformers import DynamicCache
-        cache, k = DynamicCache(config=model.config), rows_per_prompt
+        cache, k = DynamicCache(config=model.config), rows_per_pass
         prompt_output = model(input_ids=input_ids[::k, :prompt_length], position_ids=positions[::k, :prompt_length],
                               attention_mask=attention_mask[::k, :prompt_length], cache=cache, use_cache=True,
                               logits_to_keep=1, output_hidden_states=log_z_head is not None)
@@ -718,8 +718,8 @@ def token_logprobs_and_log_z(model, input_ids: torch.Tensor, attention_mask: tor
 
 
 def forward_passes(prompts: torch.Tensor, rows_per_prompt: int, micro_batch_size: int) -> list[tuple]:
-    """The rows of the given prompts (k = rows_per_prompt consecutive rows each: a group of G) in forward passes of
-    at most micro_batch_size rows: (row indices, rows per prompt pass), whole groups or equal parts of one that fit.
+    """The rows of the given prompts (k = rows_per_prompt consecutive rows each, a group) in forward passes of at most
+    micro_batch_size rows: (row indices, rows_per_pass: rows sharing a prompt pass), whole groups or parts of one.
 
     >>> forward_passes(torch.tensor([2, 0]), 2, 4), forward_passes(torch.tensor([1]), 4, 3)
     ([(tensor([4, 5, 0, 1]), 2)], [(tensor([4, 5]), 2), (tensor([6, 7]), 2)])
@@ -740,10 +740,10 @@ def batched_token_logprobs(model, rollouts: Rollouts, temperature: float, micro_
     """token_logprobs_and_log_z without gradients, [B, T], in passes of micro_batch_size rows (pi_ref, pi_old)."""
     chunks = []
     prompts = torch.arange(len(rollouts.texts) // rows_per_prompt)
-    for rows, per_pass in forward_passes(prompts, rows_per_prompt, micro_batch_size):
+    for rows, rows_per_pass in forward_passes(prompts, rows_per_prompt, micro_batch_size):
         with runtime.autocast():
             logprobs, _ = token_logprobs_and_log_z(model, rollouts.input_ids[rows], rollouts.attention_mask[rows],
-                                                   rollouts.prompt_length, temperature, rows_per_prompt=per_pass)
+                                                   rollouts.prompt_length, temperature, rows_per_pass=rows_per_pass)
         chunks.append(logprobs)
     return torch.cat(chunks)  # [B, T]
 
@@ -767,6 +767,7 @@ class Update:
     """What policy_update did: the loss and its stats summed over this process's sequences in the loss; the updates
     made and skipped, their gradient norms summed; per sequence log Z, residual and weight [B], NaN outside Eq. 6."""
     loss_sums: dict[str, float]
+    sequences: int                  # this process's sequences in the updates made: what loss_sums are sums over
     updates: int
     skipped_updates: int
     grad_norm_sums: dict[str, float]
@@ -780,18 +781,18 @@ def rewards_of(texts: list[str], problems: list[Problem], samples_per_prompt: in
 
 def equal_reward_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     """[B / G] True for each group whose rewards are all equal (r_hat = 0 for all of its samples)."""
-    grouped = rewards.view(-1, group_size)
-    return (grouped == grouped[:, :1]).all(-1)
+    return (rewards.view(-1, group_size) == rewards.view(-1, group_size)[:, :1]).all(-1)
 
 
-def micro_batch_loss(run: Run, batch: Batch, rows: torch.Tensor, rows_per_prompt: int):
+def micro_batch_loss(run: Run, batch: Batch, rows: torch.Tensor, rows_per_pass: int):
     """The loss (Eq. 6, or Eq. 1 for GRPO) and its stats on one forward pass of pi_theta over `rows`, at
-    --temperature whatever the rollouts were drawn at. No old log-probs: pi_old = pi_theta; no reference: KL 0."""
+    --temperature whatever the rollouts were drawn at; log Z from the head, the group (--log-z group) or 0 (none).
+    No old log-probs: pi_old = pi_theta (w = 1); no reference (GRPO without a KL term only): the KL is 0."""
     cfg, rollouts = run.cfg, batch.rollouts
     with run.runtime.autocast():
         logprobs, log_z = token_logprobs_and_log_z(
             run.policy, rollouts.input_ids[rows], rollouts.attention_mask[rows], rollouts.prompt_length,
-            cfg.temperature, run.log_z_head, rows_per_prompt)                                  # [b, T], [b] or None
+            cfg.temperature, run.log_z_head, rows_per_pass)                                    # [b, T], [b] or None
     old = batch.old_logprobs[rows] if batch.old_logprobs is not None else logprobs.detach()
     ref = batch.ref_logprobs[rows] if batch.ref_logprobs is not None else logprobs.detach()
     mask, reward_hat = rollouts.completion_mask[rows], batch.reward_hat[rows]
@@ -846,18 +847,18 @@ def policy_update(run: Run, batch: Batch) -> Update:
         run.log_z_head.train()
     per_sequence = {name: torch.full((len(batch.reward_hat),), float("nan"), device=device)   # [B] each
                     for name in ("log_z", "residual", "importance_weight")}
-    update = Update(collections.defaultdict(float), 0, 0, collections.defaultdict(float), per_sequence)
+    update = Update(collections.defaultdict(float), 0, 0, 0, collections.defaultdict(float), per_sequence)
     groups = batch.trained_groups
-    minibatches = [[(rows.to(device), rows_per_prompt)                       # every pass's rows, on the device now
-                    for rows, rows_per_prompt in forward_passes(minibatch, cfg.group_size, cfg.micro_batch_size)]
+    minibatches = [[(rows.to(device), rows_per_pass)                         # every pass's rows, on the device now
+                    for rows, rows_per_pass in forward_passes(minibatch, cfg.group_size, cfg.micro_batch_size)]
                    for minibatch in groups[torch.randperm(len(groups))].tensor_split(cfg.updates_per_batch)]
     for passes in minibatches:
         minibatch_rows = runtime.sum({"rows": sum(len(rows) for rows, _ in passes)})["rows"]    # on all processes
         if not minibatch_rows:
             continue
         sums = {"loss": torch.zeros((), device=device)}                             # this update's, on the device
-        for rows, rows_per_prompt in passes:
-            loss, stats = micro_batch_loss(run, batch, rows, rows_per_prompt)
+        for rows, rows_per_pass in passes:
+            loss, stats = micro_batch_loss(run, batch, rows, rows_per_pass)
             for name, key in (("residual", "residual"), ("importance_weight", "weight"), ("log_z", "log_z")):
                 if key in stats:
                     per_sequence[name][rows] = stats[key].float()
@@ -866,13 +867,13 @@ def policy_update(run: Run, batch: Batch) -> Update:
             for name, value in [("loss", loss.detach()), *stats.items()]:
                 if value.dim() == 0:                                                 # a mean over the pass's rows
                     sums[name] = sums.get(name, 0.0) + value.float() * len(rows)
-        sums = dict(zip(sums, torch.stack(list(sums.values())).tolist()))          # one read from the device
-        norms = optimizer_step(run, finite=math.isfinite(sums["loss"]))
+        values = dict(zip(sums, torch.stack(list(sums.values())).tolist()))        # one read from the device
+        norms = optimizer_step(run, finite=math.isfinite(values["loss"]))
         if norms is None:
             update.skipped_updates += 1
             continue
-        update.updates += 1
-        for totals, values in ((update.loss_sums, sums), (update.grad_norm_sums, norms)):
+        update.updates, update.sequences = update.updates + 1, update.sequences + sum(len(rows) for rows, _ in passes)
+        for totals, values in ((update.loss_sums, values), (update.grad_norm_sums, norms)):
             for name, value in values.items():
                 totals[name] += value
     return update
@@ -892,6 +893,7 @@ def training_step(run: Run, problems: list[Problem]) -> tuple[dict, Batch, Updat
 
     # ---- 2. the reward r(x, y) (section 3) and its group normalisation r_hat (Eq. 5) -------------------------
     rewards = rewards_of(rollouts.texts, problems, cfg.group_size, run.reward_fn).to(runtime.device)   # r [B]
+    reward_hat = group_normalize(rewards, cfg.group_size, std_normalize=cfg.std_normalize)            # [B]
     equal_groups = equal_reward_groups(rewards, cfg.group_size).cpu()                                 # [B / G]
     trained_groups = torch.arange(len(equal_groups))[~equal_groups if cfg.skip_equal_groups else slice(None)]
 
@@ -900,8 +902,7 @@ def training_step(run: Run, problems: list[Problem]) -> tuple[dict, Batch, Updat
     logprobs_of = functools.partial(batched_token_logprobs, rollouts=rollouts, temperature=cfg.temperature,
                                     micro_batch_size=cfg.micro_batch_size, runtime=runtime,
                                     rows_per_prompt=cfg.group_size)                                   # [B, T]
-    batch = Batch(problems, rollouts, rewards,
-                  group_normalize(rewards, cfg.group_size, std_normalize=cfg.std_normalize), trained_groups,
+    batch = Batch(problems, rollouts, rewards, reward_hat, trained_groups,
                   ref_logprobs=logprobs_of(run.reference) if run.reference is not None else None,
                   old_logprobs=logprobs_of(run.policy) if cfg.updates_per_batch > 1 else None)
 
@@ -930,8 +931,8 @@ def step_record(run: Run, batch: Batch, update: Update, seconds: dict) -> dict:
     generated_tokens = int(rollouts.completion_mask.sum())
     totals = run.runtime.sum({
         **{f"loss/{name}": value for name, value in update.loss_sums.items()}, "sequences": len(rewards),
-        "in_loss": len(batch.trained_groups) * cfg.group_size, "groups": len(rewards) / cfg.group_size,
-        "equal_reward_groups": equal_reward_groups(rewards, cfg.group_size).sum().item(),
+        "in_loss": len(batch.trained_groups) * cfg.group_size, "updated": update.sequences,
+        "groups": len(batch.problems), "equal_reward_groups": equal_reward_groups(rewards, cfg.group_size).sum().item(),
         "reward": rewards.sum().item(), "correct": (rewards == 1.0).sum().item(),
         "generated_tokens": generated_tokens, "truncated": rollouts.truncated.sum().item()})
     sequences, in_loss = totals["sequences"], totals["in_loss"]
@@ -940,7 +941,7 @@ def step_record(run: Run, batch: Batch, update: Update, seconds: dict) -> dict:
         "response_length_mean": totals["generated_tokens"] / sequences,
         "truncated_frac": totals["truncated"] / sequences, "in_loss_frac": in_loss / sequences,
         "equal_reward_group_frac": totals["equal_reward_groups"] / totals["groups"],
-        **{name.removeprefix("loss/"): value / in_loss if in_loss else None
+        **{name.removeprefix("loss/"): value / totals["updated"] if totals["updated"] else None
            for name, value in totals.items() if name.startswith("loss/")},
         "updates": update.updates, "skipped_updates": update.skipped_updates,
         **{name: value / update.updates for name, value in update.grad_norm_sums.items()},
@@ -1106,18 +1107,18 @@ def problems_per_call(n: int, cfg: Config) -> int:
 @torch.no_grad()
 def sample_problems(run: Run, problems: list[Problem], indices: list[int], n: int, seed_key: Optional[tuple] = None,
                     **sampling):
-    """Yields (a batch of indices into problems, their Rollouts): the policy's n completions of each problems[i], i
+    """Yields (a chunk of indices into problems, their Rollouts): the policy's n completions of each problems[i], i
     in indices, as many problems a call as fill one training batch. With seed_key, problem i's samples come from
     the seed (*seed_key, i): the same whichever process draws them and whatever else is in the call."""
-    chunk = problems_per_call(n, run.cfg)
-    for start in range(0, len(indices), chunk):
-        batch = indices[start:start + chunk]
-        prompts = [format_prompt(run.tokenizer, problems[i].question) for i in batch]
-        seeds = [derived_seed(*seed_key, i) for i in batch] if seed_key else None
+    per_call = problems_per_call(n, run.cfg)
+    for start in range(0, len(indices), per_call):
+        chunk = indices[start:start + per_call]
+        prompts = [format_prompt(run.tokenizer, problems[i].question) for i in chunk]
+        seeds = [derived_seed(*seed_key, i) for i in chunk] if seed_key else None
         with run.runtime.autocast():
             rollouts = sample_completions(run.policy, run.tokenizer, prompts, n, run.cfg.max_new_tokens, seeds=seeds,
                                           **sampling)
-        yield batch, rollouts
+        yield chunk, rollouts
 
 
 def accuracy_metrics(run: Run, step: int, progress=None) -> tuple[dict, list]:
@@ -1129,15 +1130,15 @@ def accuracy_metrics(run: Run, step: int, progress=None) -> tuple[dict, list]:
     cfg, problems, runtime, reward_fn, n = run.cfg, run.held_out, run.runtime, run.reward_fn, run.cfg.eval_samples
     indices, rows = list(range(runtime.rank, len(problems), runtime.world_size)), {}   # rows: index -> its row
     progress = progress or tqdm(disable=True)
-    for batch, rollouts in sample_problems(run, problems, indices, 1, greedy=True):
-        for i, text, length in zip(batch, rollouts.texts, rollouts.completion_mask.sum(-1).tolist()):
+    for chunk, rollouts in sample_problems(run, problems, indices, 1, greedy=True):
+        for i, text, length in zip(chunk, rollouts.texts, rollouts.completion_mask.sum(-1).tolist()):
             rows[i] = {"greedy": text, "greedy_correct": reward_fn(text, problems[i].answer), "greedy_length": length}
         progress.update()
-    for batch, rollouts in sample_problems(run, problems, indices, n, (cfg.seed, step, "eval_samples"),
+    for chunk, rollouts in sample_problems(run, problems, indices, n, (cfg.seed, step, "eval_samples"),
                                            temperature=cfg.eval_temperature, top_p=cfg.eval_top_p,
                                            greedy=cfg.eval_temperature == 0):
-        rewards = rewards_of(rollouts.texts, [problems[i] for i in batch], n, reward_fn)
-        for g, i in enumerate(batch):
+        rewards = rewards_of(rollouts.texts, [problems[i] for i in chunk], n, reward_fn)
+        for g, i in enumerate(chunk):
             group = slice(g * n, (g + 1) * n)
             texts, correct = rollouts.texts[group], rewards[group]
             token_lists = [ids[mask.bool()].tolist() for ids, mask in
@@ -1192,8 +1193,7 @@ def print_summary(before: Optional[dict], after: Optional[dict]) -> None:
     for key in evaluations[0]:
         if key != "eval_seconds" and not key.endswith("_ci95") and all(
                 isinstance(record.get(key), float) for record in evaluations):
-            label = key.replace("_", " ").replace("kl to step0", "KL to step 0")
-            print(f"{label:<34}" + "".join(f"{record[key]:>12.3f}" for record in evaluations))
+            print(f"{key.replace('_', ' '):<34}" + "".join(f"{record[key]:>12.3f}" for record in evaluations))
 
 
 # 9. Plumbing: processes and devices, memory, signals, model loading, checkpoints and logs ===========================
@@ -1649,12 +1649,12 @@ class ConfigError(UsageError):
 def validate(cfg: Config, world_size: int = 1) -> None:
     """Every flag checked against the range the method gives it, before anything heavy happens (the model loads
     after this). Raises ConfigError naming each bad value."""
-    problems = []
+    errors = []
 
     def check(name: str, ok: bool, why: str) -> None:
         if not ok:
             value = getattr(cfg, name)
-            problems.append(f"--{name.replace('_', '-')} {format(value, 'g') if isinstance(value, float) else value}: "
+            errors.append(f"--{name.replace('_', '-')} {format(value, 'g') if isinstance(value, float) else value}: "
                             f"{why}")
 
     def number(name: str, low: float, high: float = math.inf, low_open=False, high_open=False, why="") -> None:
@@ -1702,8 +1702,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     number("eval_temperature", 0, why="0: greedy decoding")
     number("eval_top_p", 0, 1, low_open=True)
     number("timeout_minutes", 0, low_open=True)
-    if problems:
-        raise ConfigError("\n".join(problems))
+    if errors:
+        raise ConfigError("\n".join(errors))
 
 
 def build_arg_parser() -> argparse.ArgumentParser:

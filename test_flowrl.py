@@ -518,7 +518,7 @@ def test_shared_prompt_pass_equals_one_pass_per_row(tiny):
         model.zero_grad()
         head.zero_grad()
         logprobs, log_z = token_logprobs_and_log_z(model, rollouts.input_ids, rollouts.attention_mask,
-                                                   rollouts.prompt_length, 1.0, head, rows_per_prompt=group_size)
+                                                   rollouts.prompt_length, 1.0, head, rows_per_pass=group_size)
         ((logprobs * rollouts.completion_mask).sum() + log_z.pow(2).sum()).backward()
         results.append((logprobs.detach(), log_z.detach(), model.lm_head.weight.grad.clone(),
                         head.mlp[0].weight.grad.clone()))
@@ -1259,12 +1259,12 @@ def test_log_z_draws_a_dropout_mask_per_row_however_the_pass_is_cut(tiny):
     rollouts = flowrl.sample_completions(model, tokenizer, ["What is 1 + 2?", "Hi"], 4, max_new_tokens=5)
     head = LogZHead(model.config.hidden_size).train()
     log_z = {}
-    for rows_per_prompt in (4, 2, 1):
+    for rows_per_pass in (4, 2, 1):
         torch.manual_seed(1)
         with torch.no_grad():
-            log_z[rows_per_prompt] = token_logprobs_and_log_z(model, rollouts.input_ids, rollouts.attention_mask,
-                                                              rollouts.prompt_length, 1.0, head, rows_per_prompt)[1]
-        assert log_z[rows_per_prompt][:4].unique().numel() == 4, rows_per_prompt
+            log_z[rows_per_pass] = token_logprobs_and_log_z(model, rollouts.input_ids, rollouts.attention_mask,
+                                                            rollouts.prompt_length, 1.0, head, rows_per_pass)[1]
+        assert log_z[rows_per_pass][:4].unique().numel() == 4, rows_per_pass
     assert torch.allclose(log_z[4], log_z[1], atol=1e-5) and torch.allclose(log_z[2], log_z[1], atol=1e-5)
     head.eval()
     with torch.no_grad():
@@ -1561,12 +1561,27 @@ def test_a_group_left_out_of_the_loss_contributes_neither_loss_nor_gradient(tiny
         tiny_model_dir, algo)[:2])))
 
 
+def test_a_steps_loss_is_the_mean_over_the_updates_it_made(tiny):
+    """One update of two made (the other skipped, non-finite): the loss and its stats in the step's record are means
+    over that update's sequences, not over every sequence of the batch."""
+    data = update_batch(tiny)
+    cfg = Config(group_size=4)
+    batch = flowrl.Batch([flowrl.Problem("q", "1")] * 2, data["rollouts"], torch.zeros(8), data["reward_hat"],
+                         torch.arange(2))
+    update = flowrl.Update({"loss": 8.0, "weight_mean": 4.0}, 4, 1, 1, {"grad_norm": 0.5},
+                           {name: torch.zeros(8) for name in ("log_z", "residual", "importance_weight")})
+    record = flowrl.step_record(flowrl.Run(cfg, LOCAL, None, None), batch, update,
+                                {"step": 1.0, "generation": 1.0, "train": 1.0})
+    assert record["loss"] == 2.0 and record["weight_mean"] == 1.0 and record["in_loss_frac"] == 1.0
+    assert (record["updates"], record["skipped_updates"], record["grad_norm"]) == (1, 1, 0.5)
+
+
 def test_the_gradient_norms_are_logged_before_clipping_policy_and_log_z_head_apart(tiny, tiny_model_dir):
     batch = update_batch(tiny)
     policy, head, optimizer, cfg = update_setup(tiny_model_dir)
     rollouts = batch["rollouts"]
     logprobs, log_z = token_logprobs_and_log_z(policy, rollouts.input_ids, rollouts.attention_mask,
-                                               rollouts.prompt_length, 1.0, head, rows_per_prompt=4)
+                                               rollouts.prompt_length, 1.0, head, rows_per_pass=4)
     loss, _ = flowrl_loss(logprobs, batch["ref_logprobs"], logprobs.detach(), log_z, batch["reward_hat"],
                           rollouts.completion_mask, beta=cfg.beta)
     loss.backward()

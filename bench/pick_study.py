@@ -17,7 +17,7 @@ each a mean over questions with its 95% interval (`..._ci95`):
 - exact (pick task), from each correct answer's scored log-prob (`exact_questions`): `exact_entropy`,
   `exact_kl_to_step0` and `ratio_spread`, the sd of log pi_theta / pi_ref over a question's correct answers, 0 at
   Eq. 2's target p* ~ pi_ref exp(beta r), which keeps pi_ref's preferences among answers of equal reward;
-- `histogram`: one training question's answers, printed at the first and the last evaluation.
+- `histogram`: one training question's answers, printed at the first and the last evaluation; `answer_samples`.
 After every training step, what FlowRL's loss did (`loss_metrics`: the residual split into what log Z should absorb
 and what only the policy can remove, and the slope of Eq. 6's log-ratio on beta r_hat, 0 before the policy moves
 towards the target, 1 at it); on the pick task `distinct_correct_per_group`, and `rare_correct_frac`, the rollouts
@@ -152,10 +152,10 @@ def sample_answers(run: Run, problems: list[Problem], indices: list[int], sample
     distribution training matches), problem i's from the seed (*seed_key, i); for each, how often each final
     answer came, and each correct one."""
     counted = []
-    for batch, rollouts in flowrl.sample_problems(run, problems, indices, samples, seed_key,
+    for chunk, rollouts in flowrl.sample_problems(run, problems, indices, samples, seed_key,
                                                   temperature=run.cfg.temperature):
-        rewards = flowrl.rewards_of(rollouts.texts, [problems[i] for i in batch], samples, run.reward_fn)
-        for g in range(len(batch)):
+        rewards = flowrl.rewards_of(rollouts.texts, [problems[i] for i in chunk], samples, run.reward_fn)
+        for g in range(len(chunk)):
             group = slice(g * samples, (g + 1) * samples)
             answers = [flowrl.final_answer(text) or "(no answer)" for text in rollouts.texts[group]]
             correct = [answer for answer, r in zip(answers, rewards[group]) if r == 1.0]
@@ -359,7 +359,7 @@ class PickStudy(flowrl.Study):
         progress.close()
         if runtime.is_main and metrics.get("histogram") and step in (0, run.cfg.steps):
             print_histogram(metrics["histogram"], run.cfg.temperature, step)
-        return {**metrics, "dist_samples": samples}
+        return {**metrics, "answer_samples": samples}
 
     def state_dict(self) -> dict:
         prompts, samples = self.settings()
