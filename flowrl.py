@@ -634,9 +634,10 @@ def sample_completions(model, tokenizer, prompts: list[str], samples_per_prompt:
             logits = decoder.step(token)
     finally:
         model.train(was_training)
-    completion_mask = completion_mask_from_ids(torch.stack(tokens, dim=1), eos_ids.tolist())   # [B, T]
+    completion_ids = torch.stack(tokens, dim=1)                                                # [B, T]
+    completion_mask = completion_mask_from_ids(completion_ids, eos_ids.tolist())
     longest = int(completion_mask.sum(-1).max())                 # steps past the last EOS (GPU) left out
-    completion_ids, completion_mask = torch.stack(tokens, dim=1)[:, :longest], completion_mask[:, :longest]
+    completion_ids, completion_mask = completion_ids[:, :longest], completion_mask[:, :longest]
     texts = [tokenizer.decode(ids[mask.bool()], skip_special_tokens=True)
              for ids, mask in zip(completion_ids, completion_mask)]
     return Rollouts(input_ids=torch.cat([prompt_ids.repeat_interleave(samples_per_prompt, dim=0), completion_ids], 1),
@@ -658,8 +659,7 @@ class TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, token_ids: torch.Tensor, temperature: float) -> torch.Tensor:
         ctx.rows, ctx.temperature = max(1, LOGIT_CHUNK // logits[0].numel()), temperature
-        logsumexp = torch.empty(token_ids.shape, device=logits.device)                   # [B, T] float32
-        picked = torch.empty_like(logsumexp)                                              # [B, T]
+        logsumexp, picked = torch.empty(2, *token_ids.shape, device=logits.device)       # [B, T] each, float32
         for start in range(0, len(logits), ctx.rows):
             rows = slice(start, start + ctx.rows)
             scores = logits[rows].to(torch.float32, copy=True).div_(temperature)         # [rows, T, V]
