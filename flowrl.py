@@ -17,22 +17,29 @@ loop, with a hook for a study's measurements (bench/pick_study.py); 8. evaluatio
     python flowrl.py --steps 0 --model runs/X   # evaluate a model or a run's checkpoint, train nothing
     torchrun --nproc_per_node=8 flowrl.py ...   # data parallel over 8 GPUs (or CPU processes)
 
-Departures from the paper and the official code (github.com/Xuekai-Zhu/FlowRL, verl_FlowRL/verl/workers/actor/
-dp_actor.py, `DataParallelPPOActor.compute_flowrl_objective`):
-- importance weight clipped to [1-eps, 1+eps] and detached, as Eq. 6 says; the official code used it unclipped.
+Where this file stands against the paper and the official code (github.com/Xuekai-Zhu/FlowRL, verl_FlowRL/verl/
+workers/actor/dp_actor.py, `DataParallelPPOActor.compute_flowrl_objective`), one line a point; README.md,
+"Differences from the paper and the official code", has the same points as a table:
+- importance weight: clipped to [1-eps, 1+eps] and detached, as Eq. 6 says; the official code used it unclipped.
+- beta: 15, as both; a flag (`--beta`).
+- r_hat: the official code's, (r - mean) / (unbiased std + 1e-6) over the group.
 - log Z input: the mean last-layer hidden state over all prompt tokens; the official code drops the last token.
-- the log Z head has its own learning rate (`--log-z-lr`); the official code shares the policy's.
-- no warm-up by default (`--warmup-steps`; paper: 10); defaults sized for a 135M model on a CPU, not 7B or 32B.
-- bf16 autocast with fp32 weights (pi_ref held in bf16) where the hardware has bf16, fp32 elsewhere.
-- rollouts from this file's own decode loop, exactly softmax(logits / T): no vLLM, no generation config.
-- PyTorch's own ops: transformers' hub kernels off, so nothing is fetched and every model runs the same ops.
-As in the official code: r_hat with the unbiased std + 1e-6, token log-probs from logits / temperature, log Z
-not detached (the loss also reaches the LM through Z's input), pi_ref only through Eq. 6; beta 15, a flag here.
+- log Z dropout: one mask a prompt, shared by its G rows; the official code draws one a row (bench/README.md).
+- log Z gradient: not detached, as the official code: the loss also reaches the LM through Z's input.
+- log Z learning rate: its own (`--log-z-lr`); the official code shares the policy's.
+- token log-probs: from logits / temperature, as the official code.
+- KL to pi_ref: only through Eq. 6, as both (the official code's KL loss is commented out).
+- scale: defaults sized for a 135M model on a CPU, not 7B or 32B; no warm-up by default (`--warmup-steps`).
+- mini-batches: `--updates-per-batch` of whole groups a rollout batch (the paper: 16 of 32 prompts).
+- rollouts: this file's own decode loop, exactly softmax(logits / T): no vLLM, no generation config.
+- precision: bf16 autocast with fp32 weights (pi_ref held in bf16) where the hardware has bf16, fp32 elsewhere.
+- kernels: PyTorch's own ops; transformers' hub kernels off, so nothing is fetched and every model runs the same.
 
 What the field changed since, as flags, all off by default (the default is the paper's Eq. 6):
 - `--log-z group`: each group's log Z, the value that zeroes its mean residual, detached (GFlowRL, 2607.13394).
 - `--log-z none`: no log Z (the author's later code: Xuekai-Zhu/verl_FlowRL, recipe/flowrl/flowrl_objectives.py).
-- `--no-std-normalize`: r_hat = r - mean(r), without Eq. 5's std (that repository's later launch scripts).
+- `--reward-normalization mean`: r_hat = r - mean(r), without Eq. 5's std (that repository's later launch scripts);
+  `none`: r itself, Eq. 3's own target pi_ref exp(beta r) / Z, the same whatever else the group drew.
 - `--skip-equal-groups`: groups whose rewards are all equal leave the loss (those scripts' `filter_groups`).
 - `--explore-temperature T`: rollouts from softmax(logits / T), the loss's log-probs at --temperature (Hu et al.
   2024, arXiv 2310.04363), uncorrected: r_hat is normalised over the sampled group, so Eq. 6's target moves too.
@@ -46,8 +53,8 @@ import contextlib
 import copy
 import ctypes
 import dataclasses
-import functools
 import datetime
+import errno
 import fcntl
 import importlib.util
 import io
@@ -69,9 +76,11 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-# OpenMP threads that wait for work spin before they sleep. Two runs on one machine then hold the cores each other
-# needs; a thousand spins keeps a run alone at its speed and lets two share (bench/README.md, "Two runs at once").
-os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+if __name__ == "__main__":
+    # A run from the command line (python or torchrun): OpenMP threads that wait for work spin before they sleep, so
+    # two runs on one machine hold the cores each other needs; a thousand spins keeps a run alone at its speed and
+    # lets two share (bench/README.md, "Two runs at once"). OpenMP reads this once, when torch loads (below).
+    os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 import numpy as np
 import torch
@@ -109,7 +118,7 @@ def group_normalize(rewards: torch.Tensor, group_size: int, eps: float = 1e-6,
     return (centred / (std + eps)).view(-1)                                  # [B]
 
 
-def flowrl_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, old_logprobs: torch.Tensor,
+def flowrl_loss(logprobs: torch.Tensor, *, ref_logprobs: torch.Tensor, old_logprobs: torch.Tensor,
                 log_z: torch.Tensor, reward_hat: torch.Tensor, completion_mask: torch.Tensor,
                 beta: float = 15.0, clip_eps: float = 0.2, length_normalize: bool = True):
     """Eq. 6, the final FlowRL objective (trajectory balance, length-normalised, importance-weighted):
@@ -118,15 +127,16 @@ def flowrl_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, old_logprobs
         w = clip( pi_theta(y|x) / pi_old(y|x), 1 - eps, 1 + eps )^detach
 
     logprobs, ref_logprobs, old_logprobs: [B, T] per-token log-probs of the response under pi_theta, pi_ref and
-    pi_old; completion_mask [B, T] is 1 on response tokens; log_z, reward_hat: [B] (log_z from `LogZHead`, or
-    `group_log_z`, or zeros). length_normalize=False drops the 1/|y| (the paper's ablation: Eq. 4's sequence
-    log-ratio, weighted). With one update per rollout batch pi_old = pi_theta and w = 1. Returns (the mean over
-    the B sequences, stats of detached tensors).
+    pi_old (all but logprobs by keyword: three tensors of one shape); completion_mask [B, T] is 1 on response
+    tokens; log_z, reward_hat: [B] (log_z from `LogZHead`, or `group_log_z`, or zeros). length_normalize=False drops
+    the 1/|y| (the paper's ablation: Eq. 4's sequence log-ratio, weighted). With one update per rollout batch
+    pi_old = pi_theta and w = 1. Returns (the mean over the B sequences, stats of detached tensors).
 
     Worked example, one 2-token response: log pi_theta = log pi_ref = -1 per token, log Z = 0.5,
     r_hat = 0.1, beta = 15: residual = 0.5 + (-2)/2 - 1.5 - (-2)/2 = -1.0, loss = 1 * (-1.0)^2 = 1.0.
     >>> t = torch.tensor([[-1.0, -1.0]])
-    >>> flowrl_loss(t, t, t, torch.tensor([0.5]), torch.tensor([0.1]), torch.ones(1, 2))[0]
+    >>> flowrl_loss(t, ref_logprobs=t, old_logprobs=t, log_z=torch.tensor([0.5]), reward_hat=torch.tensor([0.1]),
+    ...             completion_mask=torch.ones(1, 2))[0]
     tensor(1.)
     """
     padding = ~completion_mask.bool()                  # masked_fill, not a product: -inf or NaN there stays out
@@ -179,7 +189,7 @@ class LogZHead(nn.Module):
         return self.mlp(prompt_mean.to(self.mlp[0].weight.dtype)).squeeze(-1)       # [B]
 
 
-def group_log_z(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, reward_hat: torch.Tensor,
+def group_log_z(logprobs: torch.Tensor, *, ref_logprobs: torch.Tensor, reward_hat: torch.Tensor,
                 completion_mask: torch.Tensor, group_size: int, beta: float = 15.0,
                 length_normalize: bool = True) -> torch.Tensor:
     """log Z from the group itself, no head (GFlowRL, `--log-z group`): for each group of `group_size` consecutive
@@ -188,7 +198,8 @@ def group_log_z(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, reward_hat: 
         log Z(x) = mean over the group of ( beta * r_hat - 1/|y| (log pi_theta(y|x) - log pi_ref(y|x)) )
 
     >>> t, z = torch.zeros(4, 2), torch.zeros(4, 2)
-    >>> group_log_z(t, z, torch.tensor([1.0, -1.0, 0.5, 0.5]), torch.ones(4, 2), 2, beta=2.0)
+    >>> group_log_z(t, ref_logprobs=z, reward_hat=torch.tensor([1.0, -1.0, 0.5, 0.5]), completion_mask=torch.ones(4, 2),
+    ...             group_size=2, beta=2.0)
     tensor([0., 0., 1., 1.])
     """
     padding = ~completion_mask.bool()
@@ -198,7 +209,7 @@ def group_log_z(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, reward_hat: 
     return target.view(-1, group_size).mean(-1).repeat_interleave(group_size)        # [B]
 
 
-def grpo_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, old_logprobs: torch.Tensor,
+def grpo_loss(logprobs: torch.Tensor, *, ref_logprobs: torch.Tensor, old_logprobs: torch.Tensor,
               advantages: torch.Tensor, completion_mask: torch.Tensor, clip_eps: float = 0.2,
               kl_coef: float = 0.04):
     """Eq. 1, GRPO (the baseline), returned as a loss to minimise (= -J_GRPO):
@@ -206,9 +217,10 @@ def grpo_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, old_logprobs: 
         J = 1/G sum_i 1/|y_i| sum_t ( min(rho_it A_i, clip(rho_it, 1-eps, 1+eps) A_i) - beta_KL KL_t )
         rho_it = pi_theta / pi_old per token,   KL_t = pi_ref/pi_theta - log(pi_ref/pi_theta) - 1  (k3)
 
-    logprobs, ref_logprobs, old_logprobs, completion_mask: [B, T] (flowrl_loss's order); advantages [B] (Eq. 5).
+    logprobs, ref_logprobs, old_logprobs, completion_mask: [B, T], all but logprobs by keyword, as flowrl_loss;
+    advantages [B] (Eq. 5).
     >>> t = torch.zeros(1, 3)
-    >>> grpo_loss(t, t, t, torch.tensor([2.0]), torch.ones(1, 3))[0]
+    >>> grpo_loss(t, ref_logprobs=t, old_logprobs=t, advantages=torch.tensor([2.0]), completion_mask=torch.ones(1, 3))[0]
     tensor(-2.)
     """
     padding = ~completion_mask.bool()                    # masked_fill the inputs: -inf or NaN there stays out
@@ -235,7 +247,7 @@ def grpo_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, old_logprobs: 
 @dataclass(frozen=True)
 class Problem:
     question: str
-    answer: str   # the reference answer (arithmetic, JSONL), or every valid answer (pick: "1, 3, 5, 7")
+    answers: tuple[str, ...]   # what earns reward 1: the reference answer (arithmetic, JSONL), or each valid one (pick)
 
 
 def split_problems(problems: list[Problem], eval_size: int, split_seed: int) -> tuple[list[Problem], list[Problem]]:
@@ -252,7 +264,7 @@ def arithmetic_problems(operations: str, min_operand: int, max_operand: int, eva
     """Every "What is a op b?" with a, b in [min_operand, max_operand], split into (train, held_out)."""
     operands = range(min_operand, max_operand + 1)
     results = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
-    problems = [Problem(f"What is {a} {op} {b}?", str(results[op](a, b)))
+    problems = [Problem(f"What is {a} {op} {b}?", (str(results[op](a, b)),))
                 for op in operations for a in operands for b in operands]
     return split_problems(problems, eval_size, split_seed)
 
@@ -267,7 +279,7 @@ def pick_problems(eval_size: int, split_seed: int, high: int = 10) -> tuple[list
             listed = ", ".join(map(str, excluded[:-1])) + f" or {excluded[-1]}"
             valid = [n for n in range(1, high + 1) if n not in excluded]
             problems.append(Problem(f"Pick a number from 1 to {high} that is not {listed}. "
-                                    f"Answer with just the number.", ", ".join(map(str, valid))))
+                                    f"Answer with just the number.", tuple(map(str, valid))))
     return split_problems(problems, eval_size, split_seed)
 
 
@@ -293,7 +305,7 @@ def load_jsonl(path: str, question_field: str, answer_field: str) -> list[Proble
                 found = f" (it has {', '.join(map(repr, row))})" if isinstance(row, dict) else ""
                 raise ValueError(f"{path}, line {line_number}: expected an object with keys {question_field!r} and "
                                  f"{answer_field!r}{found}; --question-field and --answer-field name other keys")
-            problems.append(Problem(str(row[question_field]), str(row[answer_field])))
+            problems.append(Problem(str(row[question_field]), (str(row[answer_field]),)))
     if not problems:
         raise ValueError(f"{path}: no problems in the file")
     return problems
@@ -438,17 +450,20 @@ def final_answer(completion: str) -> Optional[str]:
     return str(int(value)) if value == int(value) else repr(value)
 
 
-def pick_reward(completion: str, answer: str) -> float:
-    """1.0 if the completion's final answer is one of the valid numbers listed in `answer` ("1, 3, 7"), else 0.0."""
-    return float(final_answer(completion) in answer.split(", "))
+def pick_reward(completion: str, valid_answers: tuple[str, ...]) -> float:
+    """1.0 if the completion's final answer is one of the valid numbers ("1", "3", "7"), else 0.0."""
+    return float(final_answer(completion) in valid_answers)
 
 
-TASKS: dict[str, Callable[[str, str], float]] = {"arithmetic": math_reward, "pick": pick_reward}
+TASKS = ("arithmetic", "pick")
 
 
-def reward_function(cfg: Config) -> Callable[[str, str], float]:
-    """r(x, y) as a function of (completion, answer): the task's checker, math_reward for --data files."""
-    return math_reward if cfg.data is not None else TASKS[cfg.task]
+def reward_function(cfg: Config) -> Callable[[str, Problem], float]:
+    """r(x, y) as a function of (completion, problem): pick_reward on the pick task, else math_reward against the
+    problem's reference answer (the arithmetic task, --data files)."""
+    if cfg.data is None and cfg.task == "pick":
+        return lambda completion, problem: pick_reward(completion, problem.answers)
+    return lambda completion, problem: math_reward(completion, problem.answers[0])
 
 
 # 4. Sampling y ~ pi_theta(.|x): a decode loop that draws from exactly softmax(logits / T) ===========================
@@ -515,27 +530,27 @@ def sample_from_scores(scores: torch.Tensor, uniforms: torch.Tensor) -> torch.Te
 
 
 class Decoder:
-    """The decode loop's forward passes on a KV cache preallocated for `rows` rows of `length` positions (a
+    """The decode loop's forward passes on a KV cache preallocated for `batch_size` rows of `length` positions (a
     StaticCache): the prompts prefilled once, copied to their G rows, then a token a step. On a GPU the one-token
     forward is captured once as a CUDA graph and replayed each token: one launch, not a thousand kernels. The graph
     casts the weights itself (autocast's cache off), so it reads them in place and stays valid after updates."""
 
-    def __init__(self, model, rows: int, length: int):
+    def __init__(self, model, batch_size: int, length: int):
         from transformers import StaticCache
         device = next(model.parameters()).device
-        self.model, self.shape, self.graph, self.logits = model, (rows, length), None, None   # logits [B, V]: graph's
+        self.model, self.shape, self.graph, self.logits = model, (batch_size, length), None, None   # logits: graph's
         self.cache = StaticCache(config=model.config, max_cache_len=length)
-        self.token = torch.zeros(rows, 1, dtype=torch.long, device=device)        # [B, 1] this step's input
-        self.position = torch.zeros_like(self.token)                              # [B, 1] its position
-        self.mask = torch.ones(rows, length, dtype=torch.long, device=device)     # [B, L+T] prompt padding 0
+        self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=device)    # [B, 1] the next forward's input
+        self.position = torch.zeros_like(self.token)                                # [B, 1] its position
+        self.mask = torch.ones(batch_size, length, dtype=torch.long, device=device)  # [B, L+T] prompt padding 0
 
     @staticmethod
-    def of(model, rows: int, length: int) -> Decoder:
-        """A Decoder of `rows` rows and at least `length` positions. On a GPU the model keeps its last one, for its
-        graph; lengths are rounded up to a multiple of 64 so that batches of other prompt lengths share it."""
+    def of(model, batch_size: int, length: int) -> Decoder:
+        """A Decoder of `batch_size` rows and at least `length` positions. On a GPU the model keeps its last one, for
+        its graph; lengths are rounded up to a multiple of 64 so that batches of other prompt lengths share it."""
         if next(model.parameters()).device.type != "cuda":
-            return Decoder(model, rows, length)
-        shape = (rows, -(-length // 64) * 64)
+            return Decoder(model, batch_size, length)
+        shape = (batch_size, -(-length // 64) * 64)
         if getattr(model, "flowrl_decoder", None) is None or model.flowrl_decoder.shape != shape:
             model.flowrl_decoder = Decoder(model, *shape)
         return model.flowrl_decoder
@@ -561,7 +576,7 @@ class Decoder:
         return self.model(input_ids=self.token, attention_mask=self.mask, position_ids=self.position,
                           cache=self.cache, use_cache=True).logits[:, -1]
 
-    def step(self, token: torch.Tensor) -> torch.Tensor:
+    def advance(self, token: torch.Tensor) -> torch.Tensor:
         """The logits [B, V] that follow token [B], each row's next token."""
         self.token.copy_(token.unsqueeze(-1))
         if self.token.device.type == "cuda" and self.graph is None:
@@ -575,7 +590,7 @@ class Decoder:
         return logits
 
     def capture(self) -> None:
-        """Two eager warm-up steps on a side stream (the positions they write are written again, and cropped off
+        """Two eager warm-up forwards on a side stream (the positions they write are written again, and cropped off
         the cache's length), then the forward recorded as a CUDA graph, every weight's cast inside it."""
         autocast = dict(device_type="cuda", dtype=torch.get_autocast_dtype("cuda"),
                         enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False)
@@ -631,7 +646,7 @@ def sample_completions(model, tokenizer, prompts: list[str], samples_per_prompt:
             ended |= torch.isin(token, eos_ids)
             if len(tokens) == max_new_tokens or len(tokens) % check_every == 0 and ended.all():
                 break
-            logits = decoder.step(token)
+            logits = decoder.advance(token)
     finally:
         model.train(was_training)
     completion_ids = torch.stack(tokens, dim=1)                                                # [B, T]
@@ -658,13 +673,13 @@ class TokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, token_ids: torch.Tensor, temperature: float) -> torch.Tensor:
-        ctx.rows, ctx.temperature = max(1, LOGIT_CHUNK // logits[0].numel()), temperature
+        ctx.chunk_size, ctx.temperature = max(1, LOGIT_CHUNK // logits[0].numel()), temperature    # rows a chunk
         logsumexp, picked = torch.empty(2, *token_ids.shape, device=logits.device)       # [B, T] each, float32
-        for start in range(0, len(logits), ctx.rows):
-            rows = slice(start, start + ctx.rows)
-            scores = logits[rows].to(torch.float32, copy=True).div_(temperature)         # [rows, T, V]
-            logsumexp[rows] = scores.logsumexp(-1)
-            picked[rows] = scores.gather(-1, token_ids[rows].unsqueeze(-1)).squeeze(-1)
+        for start in range(0, len(logits), ctx.chunk_size):
+            chunk = slice(start, start + ctx.chunk_size)
+            scores = logits[chunk].to(torch.float32, copy=True).div_(temperature)        # [chunk, T, V]
+            logsumexp[chunk] = scores.logsumexp(-1)
+            picked[chunk] = scores.gather(-1, token_ids[chunk].unsqueeze(-1)).squeeze(-1)
         ctx.save_for_backward(logits, token_ids, logsumexp)
         return picked - logsumexp
 
@@ -672,12 +687,12 @@ class TokenLogprobs(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         logits, token_ids, logsumexp = ctx.saved_tensors
         grad_logits = torch.empty_like(logits)                                            # [B, T, V]
-        for start in range(0, len(logits), ctx.rows):
-            rows = slice(start, start + ctx.rows)
-            upstream = grad[rows].unsqueeze(-1) / ctx.temperature    # [rows, T, 1]; d/dx = (onehot(y) - softmax) / T
-            chunk = logits[rows].to(torch.float32, copy=True).div_(ctx.temperature)
-            chunk.sub_(logsumexp[rows].unsqueeze(-1)).exp_().mul_(-upstream)
-            grad_logits[rows] = chunk.scatter_add_(-1, token_ids[rows].unsqueeze(-1), upstream)
+        for start in range(0, len(logits), ctx.chunk_size):
+            chunk = slice(start, start + ctx.chunk_size)
+            upstream = grad[chunk].unsqueeze(-1) / ctx.temperature  # [chunk, T, 1]; d/dx = (onehot(y) - softmax) / T
+            scores = logits[chunk].to(torch.float32, copy=True).div_(ctx.temperature)
+            scores.sub_(logsumexp[chunk].unsqueeze(-1)).exp_().mul_(-upstream)
+            grad_logits[chunk] = scores.scatter_add_(-1, token_ids[chunk].unsqueeze(-1), upstream)
         return grad_logits, None, None
 
 
@@ -686,13 +701,13 @@ def token_logprobs_and_log_z(model, input_ids: torch.Tensor, attention_mask: tor
     """Per-token log pi(y_t | x, y_<t) of the response [B, T] and, with a head, log Z_phi(x) [B], from one forward
     pass: the model's own logits (soft-capping and all) at the T positions that predict the response, and its last
     hidden states over the prompt. With rows_per_pass k > 1 (rows [i*k, (i+1)*k) complete one prompt) each prompt
-    is passed once and its k completions on copies of its KV cache. Every row gets its own copy of its prompt's
-    states, so each draws its own dropout mask in the head however the pass is cut (as in the official code)."""
+    is passed once and its k completions on copies of its KV cache, and log Z is computed once for the k rows: one
+    dropout mask a prompt (the official code draws one a row; README, "Differences")."""
     completion_length = input_ids.shape[1] - prompt_length                   # T
     positions = position_ids_from_mask(attention_mask)                       # [B, P+T]
-    # Gradient checkpointing drops the KV cache when it will replay the layers in the backward pass.
-    shared_prompt_pass = rows_per_pass > 1 and completion_length > 1 and not (
-        torch.is_grad_enabled() and model.is_activation_checkpointing)
+    # Gradient checkpointing drops the KV cache when it replays the layers in the backward pass; pi_old's pass (no
+    # gradient) takes the update's path too, so that an unchanged policy scores its rollouts to the same last bit.
+    shared_prompt_pass = rows_per_pass > 1 and completion_length > 1 and not model.is_activation_checkpointing
     if shared_prompt_pass:
         from transformers import DynamicCache
         cache, k = DynamicCache(config=model.config), rows_per_pass
@@ -710,45 +725,48 @@ def token_logprobs_and_log_z(model, input_ids: torch.Tensor, attention_mask: tor
         logits = prompt_output.logits[:, :-1]                                 # [B, T, V] position P-1+t predicts y_t
     logprobs = TokenLogprobs.apply(logits, input_ids[:, prompt_length:], temperature)             # [B, T]
     log_z = None
-    if log_z_head is not None:            # each row its own copy of its prompt's last hidden states (after the norm)
+    if log_z_head is not None:      # once per prompt, from its last hidden states (after the norm): one dropout mask
         prompt_hidden = prompt_output.hidden_states[-1][:, :prompt_length]                      # [B or B/k, P, H]
-        prompt_hidden = prompt_hidden.repeat_interleave(len(input_ids) // len(prompt_hidden), dim=0)   # [B, P, H]
-        log_z = log_z_head(prompt_hidden, attention_mask[:, :prompt_length])                    # [B]
+        if len(prompt_hidden) == len(input_ids):                      # a pass of whole rows: each prompt's first
+            prompt_hidden = prompt_hidden[::rows_per_pass]                                      # [B/k, P, H]
+        log_z = log_z_head(prompt_hidden, attention_mask[::rows_per_pass, :prompt_length])      # [B/k]
+        log_z = log_z.repeat_interleave(rows_per_pass)                                           # [B]
     return logprobs, log_z
 
 
-def forward_passes(prompts: torch.Tensor, rows_per_prompt: int, micro_batch_size: int) -> list[tuple]:
-    """The rows of the given prompts (k = rows_per_prompt consecutive rows each, a group) in forward passes of at most
-    micro_batch_size rows: (row indices, rows_per_pass: rows sharing a prompt pass), whole groups or parts of one.
+def forward_passes(groups: torch.Tensor, group_size: int, micro_batch_size: int) -> list[tuple[torch.Tensor, int]]:
+    """The rows of the given groups (rows [i*G, (i+1)*G) answer prompt i) in forward passes of at most
+    micro_batch_size rows: (the rows, rows_per_pass: how many consecutive rows share a prompt), whole groups a pass,
+    or equal parts of a group (the largest divisor of G that fits), which still share their prompt.
 
     >>> forward_passes(torch.tensor([2, 0]), 2, 4), forward_passes(torch.tensor([1]), 4, 3)
     ([(tensor([4, 5, 0, 1]), 2)], [(tensor([4, 5]), 2), (tensor([6, 7]), 2)])
     """
-    k = rows_per_prompt
-    rows = (prompts.unsqueeze(1) * k + torch.arange(k)).flatten()                 # [len(prompts) * k]
+    rows = (groups.unsqueeze(1) * group_size + torch.arange(group_size)).flatten()        # [len(groups) * G]
     if not len(rows):
         return []
-    if micro_batch_size >= k:
-        return [(chunk, k) for chunk in rows.split(micro_batch_size // k * k)]
-    part = max(d for d in range(1, micro_batch_size + 1) if k % d == 0)            # the largest divisor of k that fits
-    return [(chunk, part) for chunk in rows.split(part)]
+    if micro_batch_size >= group_size:
+        return [(part, group_size) for part in rows.split(micro_batch_size // group_size * group_size)]
+    rows_per_pass = max(d for d in range(1, micro_batch_size + 1) if group_size % d == 0)
+    return [(part, rows_per_pass) for part in rows.split(rows_per_pass)]
 
 
 @torch.no_grad()
-def batched_token_logprobs(model, rollouts: Rollouts, temperature: float, micro_batch_size: int, runtime: Runtime,
-                           rows_per_prompt: int = 1) -> torch.Tensor:
-    """token_logprobs_and_log_z without gradients, [B, T], in passes of micro_batch_size rows (pi_ref, pi_old)."""
-    chunks = []
-    prompts = torch.arange(len(rollouts.texts) // rows_per_prompt)
-    for rows, rows_per_pass in forward_passes(prompts, rows_per_prompt, micro_batch_size):
+def batched_token_logprobs(model, rollouts: Rollouts, temperature: float, passes: list[tuple[torch.Tensor, int]],
+                           runtime: Runtime) -> torch.Tensor:
+    """token_logprobs_and_log_z without gradients over the given forward passes (forward_passes), [B, T]: the rows
+    no pass covers stay NaN. pi_ref's, and pi_old's along the passes of the update that uses them."""
+    completion_ids = rollouts.completion_ids
+    logprobs = torch.full(completion_ids.shape, float("nan"), device=completion_ids.device)       # [B, T]
+    for rows, rows_per_pass in passes:
         with runtime.autocast():
-            logprobs, _ = token_logprobs_and_log_z(model, rollouts.input_ids[rows], rollouts.attention_mask[rows],
-                                                   rollouts.prompt_length, temperature, rows_per_pass=rows_per_pass)
-        chunks.append(logprobs)
-    return torch.cat(chunks)  # [B, T]
+            logprobs[rows] = token_logprobs_and_log_z(model, rollouts.input_ids[rows], rollouts.attention_mask[rows],
+                                                      rollouts.prompt_length, temperature,
+                                                      rows_per_pass=rows_per_pass)[0]
+    return logprobs
 
 
-# 6. One training step: sample a group -> reward -> r_hat (Eq. 5) -> pi_ref, pi_old log-probs -> loss -> update ======
+# 6. One training step: sample a group -> reward -> r_hat (Eq. 5) -> pi_ref log-probs -> loss -> updates ==============
 @dataclass
 class Batch:
     """One step's rollout batch on this process and what the loss needs of it: B = prompts x G rows, rows
@@ -756,27 +774,14 @@ class Batch:
     problems: list[Problem]
     rollouts: Rollouts
     rewards: torch.Tensor                        # r(x, y)               [B]
-    reward_hat: torch.Tensor                     # r_hat, Eq. 5          [B]
+    reward_hat: torch.Tensor                     # r_hat, Eq. 5          [B] (or r - mean(r), or r: --reward-normalization)
     trained_groups: torch.Tensor                 # the groups in the loss: all, or (--skip-equal-groups) some
     ref_logprobs: Optional[torch.Tensor] = None  # log pi_ref per token  [B, T]; None for GRPO without a KL term
-    old_logprobs: Optional[torch.Tensor] = None  # log pi_old per token  [B, T]; None with one update: pi_old = pi_theta
-
-
-@dataclass
-class Update:
-    """What policy_update did: the loss and its stats summed over this process's sequences in the loss; the updates
-    made and skipped, their gradient norms summed; per sequence log Z, residual and weight [B], NaN outside Eq. 6."""
-    loss_sums: dict[str, float]
-    sequences: int                  # this process's sequences in the updates made: what loss_sums are sums over
-    updates: int
-    skipped_updates: int
-    grad_norm_sums: dict[str, float]
-    per_sequence: dict[str, torch.Tensor]
 
 
 def rewards_of(texts: list[str], problems: list[Problem], samples_per_prompt: int, reward_fn) -> torch.Tensor:
     """Verifiable reward r(x, y) of every completion, [B]; completion i answers problems[i // G]."""
-    return torch.tensor([reward_fn(text, problems[i // samples_per_prompt].answer) for i, text in enumerate(texts)])
+    return torch.tensor([reward_fn(text, problems[i // samples_per_prompt]) for i, text in enumerate(texts)])
 
 
 def equal_reward_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -784,25 +789,98 @@ def equal_reward_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     return (rewards.view(-1, group_size) == rewards.view(-1, group_size)[:, :1]).all(-1)
 
 
-def micro_batch_loss(run: Run, batch: Batch, rows: torch.Tensor, rows_per_pass: int):
+def reward_hat_of(rewards: torch.Tensor, group_size: int, normalization: str) -> torch.Tensor:
+    """What the loss sees in place of r, [B]: Eq. 5's r_hat ("std", the paper's), r - mean(r) over the group
+    ("mean"), or r itself ("none": Eq. 3's target pi_ref exp(beta r) / Z, whatever else the group drew)."""
+    if normalization == "none":
+        return rewards.float()
+    return group_normalize(rewards, group_size, std_normalize=normalization == "std")
+
+
+def training_step(run: Run, problems: list[Problem]) -> tuple[dict, Batch, UpdateLog]:
+    """One FlowRL (or GRPO) step on this process's prompts, in the paper's order. Returns the step's metrics
+    (summed over processes), its batch and what its updates did."""
+    cfg, runtime, step_start = run.cfg, run.runtime, time.perf_counter()
+
+    # ---- 1. a group of G completions per prompt from pi_old, the current policy (or at --explore-temperature) --
+    prompts = [format_prompt(run.tokenizer, p.question) for p in problems]
+    with runtime.autocast():
+        rollouts = sample_completions(run.policy, run.tokenizer, prompts, cfg.group_size, cfg.max_new_tokens,
+                                      temperature=cfg.explore_temperature or cfg.temperature)
+    generation_seconds = time.perf_counter() - step_start
+
+    # ---- 2. the reward r(x, y) (section 3) and its group normalisation r_hat (Eq. 5) -------------------------
+    rewards = rewards_of(rollouts.texts, problems, cfg.group_size, run.reward_fn).to(runtime.device)   # r [B]
+    reward_hat = reward_hat_of(rewards, cfg.group_size, cfg.reward_normalization)                     # [B]
+    equal_groups = equal_reward_groups(rewards, cfg.group_size).cpu()                                 # [B / G]
+    trained_groups = torch.arange(len(equal_groups))[~equal_groups if cfg.skip_equal_groups else slice(None)]
+
+    # ---- 3. log-probs of pi_ref (pi_old's: in the update, along its own forward passes) ---------------------
+    train_start = time.perf_counter()
+    all_passes = forward_passes(torch.arange(len(problems)), cfg.group_size, cfg.micro_batch_size)
+    ref_logprobs = batched_token_logprobs(run.ref_model, rollouts, cfg.temperature, all_passes, runtime) \
+        if run.ref_model is not None else None                                                        # [B, T]
+    batch = Batch(problems, rollouts, rewards, reward_hat, trained_groups, ref_logprobs)
+
+    # ---- 4. the loss and the updates ------------------------------------------------------------------------
+    update_log = policy_update(run, batch)
+    seconds = {"step": time.perf_counter() - step_start, "generation": generation_seconds,
+               "train": time.perf_counter() - train_start}
+    return step_record(run, batch, update_log, seconds), batch, update_log
+
+
+def policy_update(run: Run, batch: Batch) -> UpdateLog:
+    """The paper's updates on one rollout batch: for each of --updates-per-batch random mini-batches of whole groups
+    (the paper's mini-batches of prompts), for each forward pass of at most --micro-batch-size rows, the loss (Eq. 6,
+    or Eq. 1) and its backward pass weighted by the pass's share of the mini-batch; then one AdamW update. pi_old is
+    the policy before the first update: that mini-batch takes it from its own pass (w = 1), the later ones from a
+    pass along their own forward passes made before it."""
+    cfg = run.cfg
+    run.policy.train()
+    if run.log_z_head is not None:
+        run.log_z_head.train()
+    minibatches = [forward_passes(groups, cfg.group_size, cfg.micro_batch_size)
+                   for groups in batch.trained_groups[torch.randperm(len(batch.trained_groups))]
+                   .tensor_split(cfg.updates_per_batch)]
+    later_passes = [one_pass for passes in minibatches[1:] for one_pass in passes]
+    old_logprobs = batched_token_logprobs(run.policy, batch.rollouts, cfg.temperature, later_passes, run.runtime) \
+        if later_passes else None                                                                     # [B, T]
+    log = UpdateLog.for_batch(batch)
+    for index, passes in enumerate(minibatches):
+        minibatch_rows = run.runtime.sum({"rows": sum(len(rows) for rows, _ in passes)})["rows"]   # all processes
+        if not minibatch_rows:
+            continue
+        for rows, rows_per_pass in passes:
+            loss, stats = micro_batch_loss(run, batch, rows, rows_per_pass, old_logprobs if index else None)
+            (loss * len(rows) / minibatch_rows).backward()    # the passes' weighted means add up to the mini-batch's
+            log.add_pass(rows, loss, stats)
+        log.add_update(optimizer_step(run, finite=log.minibatch_finite()))
+    return log
+
+
+def micro_batch_loss(run: Run, batch: Batch, rows: torch.Tensor, rows_per_pass: int,
+                     old_logprobs: Optional[torch.Tensor]):
     """The loss (Eq. 6, or Eq. 1 for GRPO) and its stats on one forward pass of pi_theta over `rows`, at
     --temperature whatever the rollouts were drawn at; log Z from the head, the group (--log-z group) or 0 (none).
-    No old log-probs: pi_old = pi_theta (w = 1); no reference (GRPO without a KL term only): the KL is 0."""
+    Without old_logprobs pi_old is this pass's pi_theta (w = 1); without pi_ref's (GRPO without a KL term), KL 0."""
     cfg, rollouts = run.cfg, batch.rollouts
     with run.runtime.autocast():
         logprobs, log_z = token_logprobs_and_log_z(
             run.policy, rollouts.input_ids[rows], rollouts.attention_mask[rows], rollouts.prompt_length,
             cfg.temperature, run.log_z_head, rows_per_pass)                                    # [b, T], [b] or None
-    old = batch.old_logprobs[rows] if batch.old_logprobs is not None else logprobs.detach()
-    ref = batch.ref_logprobs[rows] if batch.ref_logprobs is not None else logprobs.detach()
+    pi_old = old_logprobs[rows] if old_logprobs is not None else logprobs.detach()
+    pi_ref = batch.ref_logprobs[rows] if batch.ref_logprobs is not None else logprobs.detach()
     mask, reward_hat = rollouts.completion_mask[rows], batch.reward_hat[rows]
     if cfg.algo == "grpo":
-        return grpo_loss(logprobs, ref, old, reward_hat, mask, clip_eps=cfg.clip_eps, kl_coef=cfg.kl_coef)
+        return grpo_loss(logprobs, ref_logprobs=pi_ref, old_logprobs=pi_old, advantages=reward_hat,
+                         completion_mask=mask, clip_eps=cfg.clip_eps, kl_coef=cfg.kl_coef)
     if cfg.log_z == "group":
-        log_z = group_log_z(logprobs, ref, reward_hat, mask, cfg.group_size, cfg.beta, cfg.length_normalize)
+        log_z = group_log_z(logprobs, ref_logprobs=pi_ref, reward_hat=reward_hat, completion_mask=mask,
+                            group_size=cfg.group_size, beta=cfg.beta, length_normalize=cfg.length_normalize)
     elif cfg.log_z == "none":
         log_z = torch.zeros(len(rows), device=reward_hat.device)
-    return flowrl_loss(logprobs, ref, old, log_z, reward_hat, mask, beta=cfg.beta, clip_eps=cfg.clip_eps,
+    return flowrl_loss(logprobs, ref_logprobs=pi_ref, old_logprobs=pi_old, log_z=log_z, reward_hat=reward_hat,
+                       completion_mask=mask, beta=cfg.beta, clip_eps=cfg.clip_eps,
                        length_normalize=cfg.length_normalize)
 
 
@@ -837,85 +915,60 @@ def optimizer_step(run: Run, finite: bool) -> Optional[dict[str, float]]:
     return norms
 
 
-def policy_update(run: Run, batch: Batch) -> Update:
-    """--updates-per-batch AdamW updates on random mini-batches of whole groups (the paper's mini-batches of prompts),
-    each accumulated over passes of at most --micro-batch-size rows weighted by their share of the mini-batch on all
-    processes (the update one process would make), its statistics kept on the device and read once."""
-    cfg, runtime, device = run.cfg, run.runtime, batch.reward_hat.device
-    run.policy.train()
-    if run.log_z_head is not None:
-        run.log_z_head.train()
-    per_sequence = {name: torch.full((len(batch.reward_hat),), float("nan"), device=device)   # [B] each
-                    for name in ("log_z", "residual", "importance_weight")}
-    update = Update(collections.defaultdict(float), 0, 0, 0, collections.defaultdict(float), per_sequence)
-    groups = batch.trained_groups
-    minibatches = [[(rows.to(device), rows_per_pass)                         # every pass's rows, on the device now
-                    for rows, rows_per_pass in forward_passes(minibatch, cfg.group_size, cfg.micro_batch_size)]
-                   for minibatch in groups[torch.randperm(len(groups))].tensor_split(cfg.updates_per_batch)]
-    for passes in minibatches:
-        minibatch_rows = runtime.sum({"rows": sum(len(rows) for rows, _ in passes)})["rows"]    # on all processes
-        if not minibatch_rows:
-            continue
-        sums = {"loss": torch.zeros((), device=device)}                             # this update's, on the device
-        for rows, rows_per_pass in passes:
-            loss, stats = micro_batch_loss(run, batch, rows, rows_per_pass)
-            for name, key in (("residual", "residual"), ("importance_weight", "weight"), ("log_z", "log_z")):
-                if key in stats:
-                    per_sequence[name][rows] = stats[key].float()
-            # each pass's mean, weighted by its share of the mini-batch, adds up to the mini-batch's mean
-            (loss * len(rows) / minibatch_rows).backward()
-            for name, value in [("loss", loss.detach()), *stats.items()]:
-                if value.dim() == 0:                                                 # a mean over the pass's rows
-                    sums[name] = sums.get(name, 0.0) + value.float() * len(rows)
-        values = dict(zip(sums, torch.stack(list(sums.values())).tolist()))        # one read from the device
-        norms = optimizer_step(run, finite=math.isfinite(values["loss"]))
+@dataclass
+class UpdateLog:
+    """What a step's updates did, for its record: the loss and its stats summed over this process's sequences in
+    the updates made (`sequences` of them), the updates made and skipped, their gradient norms summed, and per
+    sequence log Z, residual and importance weight [B] (NaN outside Eq. 6). A mini-batch's sums stay on the device
+    until its update: one read a mini-batch."""
+    loss_sums: dict[str, float]
+    sequences: int
+    updates: int
+    skipped_updates: int
+    grad_norm_sums: dict[str, float]
+    per_sequence: dict[str, torch.Tensor]
+    pending: dict[str, torch.Tensor] = field(default_factory=dict)   # the mini-batch's sums, on the device
+    pending_rows: int = 0
+    pending_values: dict[str, float] = field(default_factory=dict)   # the same, read
+
+    @staticmethod
+    def for_batch(batch: Batch) -> UpdateLog:
+        nan = torch.full((len(batch.reward_hat),), float("nan"), device=batch.reward_hat.device)
+        per_sequence = {name: nan.clone() for name in ("log_z", "residual", "importance_weight")}      # [B] each
+        return UpdateLog(collections.defaultdict(float), 0, 0, 0, collections.defaultdict(float), per_sequence)
+
+    def add_pass(self, rows: torch.Tensor, loss: torch.Tensor, stats: dict) -> None:
+        """A pass's loss (its mean over `rows`) and stats: scalars weighted by its rows, per-sequence values kept."""
+        for name, key in (("residual", "residual"), ("importance_weight", "weight"), ("log_z", "log_z")):
+            if key in stats:
+                self.per_sequence[name][rows] = stats[key].float()
+        for name, value in [("loss", loss.detach()), *stats.items()]:
+            if value.dim() == 0:
+                self.pending[name] = self.pending.get(name, 0.0) + value.float() * len(rows)
+        self.pending_rows += len(rows)
+
+    def minibatch_finite(self) -> bool:
+        """Whether the mini-batch's loss is finite on this process: its sums read from the device, once."""
+        self.pending_values = dict(zip(self.pending, torch.stack(list(self.pending.values())).tolist())) \
+            if self.pending else {}
+        return math.isfinite(self.pending_values.get("loss", 0.0))
+
+    def add_update(self, norms: Optional[dict[str, float]]) -> None:
+        """The mini-batch's update: counted with its sums and gradient norms, or as skipped (norms None)."""
         if norms is None:
-            update.skipped_updates += 1
-            continue
-        update.updates, update.sequences = update.updates + 1, update.sequences + sum(len(rows) for rows, _ in passes)
-        for totals, values in ((update.loss_sums, values), (update.grad_norm_sums, norms)):
-            for name, value in values.items():
-                totals[name] += value
-    return update
+            self.skipped_updates += 1
+        else:
+            self.updates, self.sequences = self.updates + 1, self.sequences + self.pending_rows
+            for name, value in self.pending_values.items():
+                self.loss_sums[name] += value
+            for name, value in norms.items():
+                self.grad_norm_sums[name] += value
+        self.pending, self.pending_rows, self.pending_values = {}, 0, {}
 
 
-def training_step(run: Run, problems: list[Problem]) -> tuple[dict, Batch, Update]:
-    """One FlowRL (or GRPO) step on this process's prompts, in the paper's order. Returns the step's metrics
-    (summed over processes), its batch and what its update did."""
-    cfg, runtime, step_start = run.cfg, run.runtime, time.perf_counter()
-
-    # ---- 1. a group of G completions per prompt from pi_old, the current policy (or at --explore-temperature) --
-    prompts = [format_prompt(run.tokenizer, p.question) for p in problems]
-    with runtime.autocast():
-        rollouts = sample_completions(run.policy, run.tokenizer, prompts, cfg.group_size, cfg.max_new_tokens,
-                                      temperature=cfg.explore_temperature or cfg.temperature)
-    generation_seconds = time.perf_counter() - step_start
-
-    # ---- 2. the reward r(x, y) (section 3) and its group normalisation r_hat (Eq. 5) -------------------------
-    rewards = rewards_of(rollouts.texts, problems, cfg.group_size, run.reward_fn).to(runtime.device)   # r [B]
-    reward_hat = group_normalize(rewards, cfg.group_size, std_normalize=cfg.std_normalize)            # [B]
-    equal_groups = equal_reward_groups(rewards, cfg.group_size).cpu()                                 # [B / G]
-    trained_groups = torch.arange(len(equal_groups))[~equal_groups if cfg.skip_equal_groups else slice(None)]
-
-    # ---- 3. log-probs of pi_ref, and of pi_old when several updates share this batch ------------------------
-    train_start = time.perf_counter()
-    logprobs_of = functools.partial(batched_token_logprobs, rollouts=rollouts, temperature=cfg.temperature,
-                                    micro_batch_size=cfg.micro_batch_size, runtime=runtime,
-                                    rows_per_prompt=cfg.group_size)                                   # [B, T]
-    batch = Batch(problems, rollouts, rewards, reward_hat, trained_groups,
-                  ref_logprobs=logprobs_of(run.reference) if run.reference is not None else None,
-                  old_logprobs=logprobs_of(run.policy) if cfg.updates_per_batch > 1 else None)
-
-    # ---- 4. the loss and the updates ------------------------------------------------------------------------
-    update = policy_update(run, batch)
-    seconds = {"step": time.perf_counter() - step_start, "generation": generation_seconds,
-               "train": time.perf_counter() - train_start}
-    return step_record(run, batch, update, seconds), batch, update
-
-
-def rollout_rows(batch: Batch, update: Update, group_size: int) -> list[dict]:
+def rollout_records(batch: Batch, update_log: UpdateLog, group_size: int) -> list[dict]:
     """--log-rollouts: a row per completion, with its reward, r_hat, and (FlowRL) log Z, residual and weight."""
-    per_sequence = {name: values.tolist() for name, values in update.per_sequence.items()}
+    per_sequence = {name: values.tolist() for name, values in update_log.per_sequence.items()}
     rewards, reward_hat = batch.rewards.tolist(), batch.reward_hat.tolist()
     return [{"prompt": batch.problems[i // group_size].question, "completion": text,
              "reward": rewards[i], "reward_hat": reward_hat[i],
@@ -923,15 +976,15 @@ def rollout_rows(batch: Batch, update: Update, group_size: int) -> list[dict]:
             for i, text in enumerate(batch.rollouts.texts)]
 
 
-def step_record(run: Run, batch: Batch, update: Update, seconds: dict) -> dict:
+def step_record(run: Run, batch: Batch, update_log: UpdateLog, seconds: dict) -> dict:
     """A training step's metrics: this process's sums added up over processes and divided by what each is a mean
     over, the gradient norms averaged over the step's updates, timings and memory. README.md ("What a run logs")
     describes every key."""
     cfg, rollouts, rewards = run.cfg, batch.rollouts, batch.rewards.cpu()
     generated_tokens = int(rollouts.completion_mask.sum())
     totals = run.runtime.sum({
-        **{f"loss/{name}": value for name, value in update.loss_sums.items()}, "sequences": len(rewards),
-        "in_loss": len(batch.trained_groups) * cfg.group_size, "updated": update.sequences,
+        **{f"loss/{name}": value for name, value in update_log.loss_sums.items()}, "sequences": len(rewards),
+        "in_loss": len(batch.trained_groups) * cfg.group_size, "updated": update_log.sequences,
         "groups": len(batch.problems), "equal_reward_groups": equal_reward_groups(rewards, cfg.group_size).sum().item(),
         "reward": rewards.sum().item(), "correct": (rewards == 1.0).sum().item(),
         "generated_tokens": generated_tokens, "truncated": rollouts.truncated.sum().item()})
@@ -943,8 +996,8 @@ def step_record(run: Run, batch: Batch, update: Update, seconds: dict) -> dict:
         "equal_reward_group_frac": totals["equal_reward_groups"] / totals["groups"],
         **{name.removeprefix("loss/"): value / totals["updated"] if totals["updated"] else None
            for name, value in totals.items() if name.startswith("loss/")},
-        "updates": update.updates, "skipped_updates": update.skipped_updates,
-        **{name: value / update.updates for name, value in update.grad_norm_sums.items()},
+        "updates": update_log.updates, "skipped_updates": update_log.skipped_updates,
+        **{name: value / update_log.updates for name, value in update_log.grad_norm_sums.items()},
         "step_seconds": seconds["step"], "generation_seconds": seconds["generation"], "train_seconds": seconds["train"],
         "generation_tokens_per_s": generated_tokens / seconds["generation"],
         "train_tokens_per_s": int(rollouts.attention_mask.sum()) / seconds["train"],  # padding excluded
@@ -955,11 +1008,12 @@ def step_record(run: Run, batch: Batch, update: Update, seconds: dict) -> dict:
 
 # 7. The training loop ===============================================================================================
 class Study:
-    """Measurements beside a run that leave its training as it is (bench/pick_study.py): step_metrics, after each
-    update on this process's batch, and evaluation_metrics join the records; state_dict is checkpointed and given
-    back on resume ({} if none). Every process calls each at the same point (collectives allowed). This: nothing."""
+    """Measurements beside a run that leave its training as it is (bench/pick_study.py): step_metrics, once a
+    training step on this process's batch and what its updates did, and evaluation_metrics, at every evaluation,
+    join the records; state_dict is checkpointed and given back on resume ({} if none). Every process calls each at
+    the same point (collectives allowed). This base class measures nothing; a study overrides what it measures."""
 
-    def step_metrics(self, run: Run, batch: Batch, update: Update) -> dict:
+    def step_metrics(self, run: Run, batch: Batch, update_log: UpdateLog) -> dict:
         return {}
 
     def evaluation_metrics(self, run: Run, step: int) -> dict:
@@ -982,9 +1036,9 @@ class Run:
     policy: nn.Module
     tokenizer: object
     optimizer: Optional[torch.optim.Optimizer] = None
-    reference: Optional[nn.Module] = None
+    ref_model: Optional[nn.Module] = None
     log_z_head: Optional[LogZHead] = None
-    reward_fn: Callable[[str, str], float] = math_reward
+    reward_fn: Optional[Callable[[str, Problem], float]] = None
     train_problems: list[Problem] = field(default_factory=list)
     held_out: list[Problem] = field(default_factory=list)
     data_rng: random.Random = field(default_factory=random.Random)
@@ -1007,14 +1061,14 @@ def start_run(cfg: Config, runtime: Runtime, study: Study) -> Run:
     keep_freed_memory(runtime.device)
     torch.manual_seed(cfg.seed)
     checkpoint = find_checkpoint(cfg.resume) if cfg.resume else None
-    policy, reference, tokenizer = load_policy_and_reference(cfg, checkpoint, runtime)
+    policy, ref_model, tokenizer = load_policy_and_ref_model(cfg, checkpoint, runtime)
     log_z_head = LogZHead(policy.config.hidden_size).to(runtime.device) if cfg.algo == "flowrl" and \
         cfg.log_z == "head" else None
     # fused: one kernel per step, without the foreach path's temporaries the size of the parameters
     optimizer = torch.optim.AdamW([{"params": policy.parameters()}] + (
         [{"params": log_z_head.parameters()}] if log_z_head is not None else []),
         lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-    run = Run(cfg, runtime, policy, tokenizer, optimizer, reference, log_z_head, reward_function(cfg),
+    run = Run(cfg, runtime, policy, tokenizer, optimizer, ref_model, log_z_head, reward_function(cfg),
               train_problems, held_out, random.Random(cfg.seed), study, checkpoint)
     if checkpoint:
         state = read_trainer_state(checkpoint)
@@ -1026,23 +1080,24 @@ def start_run(cfg: Config, runtime: Runtime, study: Study) -> Run:
 
 
 def run_step(run: Run, step: int) -> dict:
-    """Training step `step` + 1 on every process: its prompts, the step, the study's metrics, the logs."""
+    """Training step `step` (1, 2, ...) on every process: its prompts, the step, the study's metrics, the logs."""
     cfg, runtime = run.cfg, run.runtime
     # Learning rates (linear warm-up) and weight decay from the flags: a resumed run takes the ones it is given, not
     # the values saved in the optimiser state (whose moments it keeps).
     for group, lr in zip(run.optimizer.param_groups, (cfg.lr, cfg.log_z_lr)):
-        group.update(lr=lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps)), weight_decay=cfg.weight_decay)
+        group.update(lr=lr * min(1.0, step / max(1, cfg.warmup_steps)), weight_decay=cfg.weight_decay)
     # This step's rollouts, log Z dropout and mini-batch order: a resumed run replays them exactly.
     torch.manual_seed(derived_seed(cfg.seed, step, "step", runtime.rank))
     problems = run.data_rng.sample(run.train_problems, cfg.prompts_per_step)   # the same on every process
     per_process = len(problems) // runtime.world_size
-    record, batch, update = training_step(run, problems[runtime.rank * per_process:(runtime.rank + 1) * per_process])
-    record = {"split": "train", "step": step + 1, "algo": cfg.algo, **record,
-              **run.study.step_metrics(run, batch, update), "lr": run.optimizer.param_groups[0]["lr"]}
-    rows = runtime.gather([rollout_rows(batch, update, cfg.group_size)]) if cfg.log_rollouts else []
+    record, batch, update_log = training_step(run, problems[runtime.rank * per_process:
+                                                            (runtime.rank + 1) * per_process])
+    record = {"split": "train", "step": step, "algo": cfg.algo, **record,
+              **run.study.step_metrics(run, batch, update_log), "lr": run.optimizer.param_groups[0]["lr"]}
+    rollouts = runtime.gather([rollout_records(batch, update_log, cfg.group_size)]) if cfg.log_rollouts else []
     if runtime.is_main:
         log_lines(run.metrics_file, [record])
-        log_lines(run.rollouts_file, [{"step": step + 1, **row} for shard in rows for row in shard])
+        log_lines(run.rollouts_file, [{"step": step, **row} for shard in rollouts for row in shard])
     return record
 
 
@@ -1060,21 +1115,20 @@ def train(cfg: Config, study: Optional[Study] = None) -> dict:
         first_eval, last_eval = open_logs(run) if runtime.is_main else (None, None)
         if not run.checkpoint:
             first_eval = last_eval = evaluate(run, 0, cfg.show_examples)
-        progress = tqdm(range(run.start_step, cfg.steps), initial=run.start_step, total=cfg.steps, desc=cfg.algo,
-                        disable=not runtime.is_main)
+        progress = tqdm(total=cfg.steps, initial=run.start_step, desc=cfg.algo, disable=not runtime.is_main)
         with StopOnSignal() as stop:
-            for step in progress:
+            for step in range(run.start_step + 1, cfg.steps + 1):         # steps 1, 2, ...; 0 is before training
                 record = run_step(run, step)
+                progress.update()
                 progress.set_postfix(reward=f"{record['reward_mean']:.2f}", loss=f"{record.get('loss') or 0.0:.3g}",
                                      log_z=f"{record.get('log_z_mean') or 0.0:.2f}")
-                done = step + 1 == cfg.steps
-                if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and not done:
-                    evaluate(run, step + 1, 0)
+                if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
+                    evaluate(run, step, 0)
                 stopping = stop.requested(runtime)
-                if runtime.is_main and (done or stopping or cfg.save_every and (step + 1) % cfg.save_every == 0):
-                    tqdm.write(f"step {step + 1}: checkpoint saved to {save_checkpoint(run, step + 1)}")
+                if runtime.is_main and (step == cfg.steps or stopping or cfg.save_every and step % cfg.save_every == 0):
+                    tqdm.write(f"step {step}: checkpoint saved to {save_checkpoint(run, step)}")
                 if stopping:
-                    stop.exit(run, step + 1)
+                    stop.exit(run, step)
         progress.close()
         if run.start_step < cfg.steps:
             last_eval = evaluate(run, cfg.steps, cfg.show_examples)
@@ -1125,14 +1179,14 @@ def accuracy_metrics(run: Run, step: int, progress=None) -> tuple[dict, list]:
     """On the held-out problems: greedy accuracy; pass@k for k = 1, 2, 4, ... from --eval-samples n samples at the
     evaluation temperature and top-p (pass@1 is their mean accuracy: the paper's Avg@n); distinct completions and
     distinct-2; lengths. Each process scores every world_size-th problem, problem i's samples from the seed (run
-    seed, step, "eval_samples", i). Returns (the metrics, each problem's row: its greedy and first sampled
+    seed, step, "eval_samples", i). Returns (the metrics, each problem's record: its greedy and first sampled
     completion and their rewards)."""
     cfg, problems, runtime, reward_fn, n = run.cfg, run.held_out, run.runtime, run.reward_fn, run.cfg.eval_samples
-    indices, rows = list(range(runtime.rank, len(problems), runtime.world_size)), {}   # rows: index -> its row
+    indices, per_problem = list(range(runtime.rank, len(problems), runtime.world_size)), {}   # index -> record
     progress = progress or tqdm(disable=True)
     for chunk, rollouts in sample_problems(run, problems, indices, 1, greedy=True):
         for i, text, length in zip(chunk, rollouts.texts, rollouts.completion_mask.sum(-1).tolist()):
-            rows[i] = {"greedy": text, "greedy_correct": reward_fn(text, problems[i].answer), "greedy_length": length}
+            per_problem[i] = {"greedy": text, "greedy_correct": reward_fn(text, problems[i]), "greedy_length": length}
         progress.update()
     for chunk, rollouts in sample_problems(run, problems, indices, n, (cfg.seed, step, "eval_samples"),
                                            temperature=cfg.eval_temperature, top_p=cfg.eval_top_p,
@@ -1143,20 +1197,20 @@ def accuracy_metrics(run: Run, step: int, progress=None) -> tuple[dict, list]:
             texts, correct = rollouts.texts[group], rewards[group]
             token_lists = [ids[mask.bool()].tolist() for ids, mask in
                            zip(rollouts.completion_ids[group], rollouts.completion_mask[group])]
-            rows[i].update(
+            per_problem[i].update(
                 sampled=texts[0], sampled_correct=correct[0].item(), correct=int(correct.sum()),
                 distinct=len(set(texts)), distinct_correct=len({t for t, r in zip(texts, correct) if r == 1.0}),
                 distinct_2=distinct_n(token_lists, 2),
                 sample_length=rollouts.completion_mask[group].sum(-1).float().mean().item())
         progress.update()
-    rows = runtime.gather(list(rows.values()))
-    mean = lambda key: float(np.mean([row[key] for row in rows]))
+    per_problem = runtime.gather(list(per_problem.values()))
+    mean = lambda key: float(np.mean([record[key] for record in per_problem]))
     return {"greedy_accuracy": mean("greedy_correct"),
-            **{f"pass@{k}": float(np.mean([pass_at_k(n, row["correct"], k) for row in rows]))   # k = 1, 2, 4, ... n
+            **{f"pass@{k}": float(np.mean([pass_at_k(n, record["correct"], k) for record in per_problem]))   # k = 1, 2, 4, ... n
                for k in sorted({2 ** i for i in range(n.bit_length())} | {n, cfg.pass_k})},
             "distinct_per_prompt": mean("distinct"), "distinct_correct_per_prompt": mean("distinct_correct"),
             "distinct_2": mean("distinct_2"), "greedy_length_mean": mean("greedy_length"),
-            "sample_length_mean": mean("sample_length"), "samples_per_prompt": n}, rows
+            "sample_length_mean": mean("sample_length"), "samples_per_prompt": n}, per_problem
 
 
 def evaluate(run: Run, step: int, show: int = 0) -> dict:
@@ -1167,19 +1221,19 @@ def evaluate(run: Run, step: int, show: int = 0) -> dict:
                 for n in (1, cfg.eval_samples))                  # sampling calls for this process's share
     progress = tqdm(desc=f"evaluating step {step}", unit="batch", total=calls, leave=False,
                     disable=not runtime.is_main)
-    metrics, rows = accuracy_metrics(run, step, progress)
+    metrics, per_problem = accuracy_metrics(run, step, progress)
     progress.close()
-    examples = [{"question": p.question, "answer": p.answer, "greedy": row["greedy"], "sampled": row["sampled"]}
-                for p, row in list(zip(run.held_out, rows))[:show]]
+    examples = [{"question": p.question, "answer": ", ".join(p.answers), "greedy": scored["greedy"],
+                 "sampled": scored["sampled"]} for p, scored in list(zip(run.held_out, per_problem))[:show]]
     record = {"split": "eval", "step": step, "algo": cfg.algo, **metrics, "examples": examples,
               **run.study.evaluation_metrics(run, step)}
     record["eval_seconds"] = time.perf_counter() - start
     if show and runtime.is_main:
         print(f"\nHeld-out examples at step {step}:")
-        for example, row in zip(examples, rows):
+        for example, scored in zip(examples, per_problem):
             print(f"  Q: {example['question']}  (answer {example['answer']})\n"
-                  f"     greedy  (reward {row['greedy_correct']:.0f}): {example['greedy'].strip()[:300]!r}\n"
-                  f"     sampled (reward {row['sampled_correct']:.0f}): {example['sampled'].strip()[:300]!r}")
+                  f"     greedy  (reward {scored['greedy_correct']:.0f}): {example['greedy'].strip()[:300]!r}\n"
+                  f"     sampled (reward {scored['sampled_correct']:.0f}): {example['sampled'].strip()[:300]!r}")
     log_lines(run.metrics_file, [record])
     return record
 
@@ -1227,12 +1281,12 @@ class Runtime:
         dist.all_reduce(totals)
         return dict(zip(keys, totals.tolist()))
 
-    def gather(self, rows: list) -> list:
-        """Every process's rows on every process (process r computed items r, r + W, ...), in the items' order."""
+    def gather(self, items: list) -> list:
+        """Every process's items on every process (process r computed items r, r + W, ...), in the items' order."""
         if self.world_size == 1:
-            return rows
+            return items
         shards = [None] * self.world_size
-        dist.all_gather_object(shards, rows)
+        dist.all_gather_object(shards, items)
         return [shard[i] for i in range(len(shards[0])) for shard in shards if i < len(shard)]
 
 
@@ -1389,19 +1443,19 @@ def hub_reachable() -> bool:
         return False
 
 
-def load_policy_and_reference(cfg: Config, checkpoint: Optional[str], runtime: Runtime):
+def load_policy_and_ref_model(cfg: Config, checkpoint: Optional[str], runtime: Runtime):
     """(policy, pi_ref or None, tokenizer): pi_ref is the frozen initial model, reloaded from --model on resume
     (GRPO without a KL term needs none), held in bf16 by a run that computes in bf16 (bench/README.md: the change)."""
     policy, tokenizer = load_model_and_tokenizer(checkpoint or cfg.model)
-    reference = None
+    ref_model = None
     if cfg.algo == "flowrl" or cfg.kl_coef:
-        reference = load_model_and_tokenizer(cfg.model)[0] if checkpoint else copy.deepcopy(policy)
+        ref_model = load_model_and_tokenizer(cfg.model)[0] if checkpoint else copy.deepcopy(policy)
         dtype = torch.bfloat16 if runtime.precision == "bf16" else torch.float32
-        reference.to(runtime.device, dtype).eval().requires_grad_(False)
+        ref_model.to(runtime.device, dtype).eval().requires_grad_(False)
     policy.to(runtime.device)
     if cfg.gradient_checkpointing:
         policy.activation_checkpointing_enable()
-    return policy, reference, tokenizer
+    return policy, ref_model, tokenizer
 
 
 def find_checkpoint(path: str, required: bool = True) -> Optional[str]:
@@ -1415,30 +1469,40 @@ def find_checkpoint(path: str, required: bool = True) -> Optional[str]:
                          f"{os.path.join(path, 'checkpoint')})")
 
 
+CHECKPOINT_FILES = ("trainer_state.pt", "log_z_head.pt")     # a checkpoint's own, beside the model's files
+
+
 def check_folder_files(folder: str) -> None:
     """Every file of a checkpoint or model folder that a load reads, read once before anything uses it, cheaply
     (headers; .pt files memory-mapped): a file cut short (a copy stopped part-way, a crash of the machine) or not
-    what its name says is one CheckpointError naming it, instead of a traceback from deep inside."""
+    what its name says is one CheckpointError naming it, instead of a traceback from deep inside. The .json and
+    .safetensors files hold data only; of .pt files (pickles, which can run code) only the checkpoint's own are
+    read, tensors and plain data only (weights_only): a stray one is never opened."""
     from safetensors import safe_open
     readers = {".json": lambda path: json.loads(pathlib.Path(path).read_text()),
                ".safetensors": lambda path: safe_open(path, "pt").keys(),             # checks the size too
-               ".pt": lambda path: torch.load(path, map_location="cpu", mmap=True, weights_only=False)}
+               ".pt": lambda path: torch.load(path, map_location="cpu", mmap=True, weights_only=True)}
     names = sorted(name for name in os.listdir(folder) if os.path.isfile(os.path.join(folder, name)))
     if "config.json" in names and not any(name.endswith((".safetensors", ".bin")) for name in names):
         raise CheckpointError(f"{folder} has no model weights (model.safetensors): restore the folder from a copy")
-    for name in (name for name in names if os.path.splitext(name)[1] in readers):
+    for name in names:
+        extension = os.path.splitext(name)[1]
+        if extension not in readers or extension == ".pt" and name not in CHECKPOINT_FILES:
+            continue
         try:
-            readers[os.path.splitext(name)[1]](os.path.join(folder, name))
+            readers[extension](os.path.join(folder, name))
         except Exception as error:          # each reader has its own errors; all mean the same here
             reason = (str(error).strip().splitlines() or [type(error).__name__])[0].split(". ")[0]   # 1st sentence
-            raise CheckpointError(f"{os.path.join(folder, name)} cannot be read ({reason}): it is cut short or "
-                                  f"damaged; restore the folder from a copy, or start the run again") from None
+            raise CheckpointError(f"{os.path.join(folder, name)} cannot be read ({reason}): it is cut short, "
+                                  f"damaged or holds more than tensors and plain data; restore the folder from a "
+                                  f"copy, or start the run again") from None
 
 
 def read_trainer_state(checkpoint: str) -> dict:
-    """A checkpoint's trainer_state.pt, after check_folder_files has read every file of the checkpoint."""
+    """A checkpoint's trainer_state.pt (tensors and plain data only), after check_folder_files has read every file
+    of the checkpoint."""
     check_folder_files(checkpoint)
-    return torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)
+    return torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=True)
 
 
 def sync_to_disk(folder: str) -> None:
@@ -1492,10 +1556,13 @@ def save_checkpoint(run: Run, step: int) -> str:
                     "data_rng": run.data_rng.getstate(), "study": run.study.state_dict()},
                    os.path.join(temporary, "trainer_state.pt"))
         sync_to_disk(temporary)   # the files' contents on disk before any rename makes them the checkpoint
-    except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
+    except Exception as error:  # a full disk is an OSError, torch.save's RuntimeError or safetensors' own error
         shutil.rmtree(temporary, ignore_errors=True)
         kept = f"the previous checkpoint {final} is intact" if os.path.isdir(final) else "no checkpoint was saved"
-        raise OSError(f"could not write the step-{step} checkpoint ({error}); {kept}") from error
+        needed, free = checkpoint_bytes(run), shutil.disk_usage(run.cfg.output_dir).free
+        if getattr(error, "errno", None) == errno.ENOSPC or free < needed:
+            error = f"the disk is full: the checkpoint needs about {needed / 2**20:.0f} MiB, {free / 2**20:.0f} MiB free"
+        raise OSError(f"could not write the step-{step} checkpoint ({error}); {kept}") from None
     if os.path.isdir(final):
         shutil.rmtree(previous, ignore_errors=True)
         os.rename(final, previous)
@@ -1503,6 +1570,13 @@ def save_checkpoint(run: Run, step: int) -> str:
     shutil.rmtree(previous, ignore_errors=True)
     sync_to_disk(run.cfg.output_dir)
     return final
+
+
+def checkpoint_bytes(run: Run) -> int:
+    """About what a checkpoint takes on disk: the policy's weights, the head's, and the optimiser's state."""
+    states = [run.policy.state_dict(), run.log_z_head.state_dict() if run.log_z_head is not None else {},
+              *run.optimizer.state.values()]
+    return sum(t.numel() * t.element_size() for state in states for t in state.values() if torch.is_tensor(t))
 
 
 def load_training_state(checkpoint: str, state: dict, log_z_head: Optional[LogZHead], optimizer) -> None:
@@ -1513,7 +1587,7 @@ def load_training_state(checkpoint: str, state: dict, log_z_head: Optional[LogZH
         if not os.path.isfile(head_file):
             raise ValueError(f"{checkpoint} has no log Z head (trained with --log-z group or none, or --algo grpo): "
                              f"resume it with the --algo and --log-z it was trained with")
-        log_z_head.load_state_dict(torch.load(head_file))
+        log_z_head.load_state_dict(torch.load(head_file, weights_only=True))
     saved, kept = state["optimizer"], len(optimizer.param_groups)
     dropped = {index for group in saved["param_groups"][kept:] for index in group["params"]}
     optimizer.load_state_dict({"state": {i: value for i, value in saved["state"].items() if i not in dropped},
@@ -1535,17 +1609,17 @@ def open_logs(run: Run) -> tuple[Optional[dict], Optional[dict]]:
     checker = "math-verify (symbolic)" if math_verify else "numeric (pip install math-verify for symbolic answers)"
     print(f"{cfg.algo} | model {cfg.model} | {runtime.device} x {runtime.world_size} | {runtime.precision} | "
           f"{len(run.train_problems)} train / {len(run.held_out)} held-out problems | {cfg.prompts_per_step} prompts "
-          f"x {cfg.group_size} samples per step" + (f" | answers checked: {checker}" if run.reward_fn is math_reward
-                                                   else "")
+          f"x {cfg.group_size} samples per step" + (f" | answers checked: {checker}" if cfg.data is not None or
+                                                   cfg.task != "pick" else "")
           + (f"\nresumed from {run.checkpoint} at step {run.start_step}" if run.checkpoint else ""))
-    evaluations = [row for row in logged if row["split"] == "eval"] or [None]
+    evaluations = [record for record in logged if record["split"] == "eval"] or [None]
     return (evaluations[0] if evaluations[0] and evaluations[0]["step"] == 0 else None), evaluations[-1]
 
 
-def log_lines(file: Optional[io.TextIOBase], rows: list[dict]) -> None:
+def log_lines(file: Optional[io.TextIOBase], records: list[dict]) -> None:
     """JSON lines appended to an open log, flushed at once (nothing when the log is not kept)."""
     if file is not None:
-        file.writelines(json.dumps(row) + "\n" for row in rows)
+        file.writelines(json.dumps(record) + "\n" for record in records)
         file.flush()
 
 
@@ -1555,16 +1629,16 @@ def close_logs(run: Run) -> None:
 
 
 def drop_rows_after(path: str, step: int) -> list[dict]:
-    """A resumed run's log reads as if the run had never been cut: the JSONL rows that the interrupted run wrote
-    after its checkpoint's step are dropped (the file is rewritten, then swapped in). Returns the rows kept."""
+    """A resumed run's log reads as if the run had never been cut: the JSONL records that the interrupted run wrote
+    after its checkpoint's step are dropped (the file is rewritten, then swapped in). Returns the records kept."""
     if not os.path.isfile(path):
         return []
     with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    kept = [row for row in rows if row.get("step", 0) <= step]
-    if len(kept) < len(rows):
+        records = [json.loads(line) for line in f if line.strip()]
+    kept = [record for record in records if record.get("step", 0) <= step]
+    if len(kept) < len(records):
         with open(path + ".tmp", "w") as f:
-            f.writelines(json.dumps(row) + "\n" for row in kept)
+            f.writelines(json.dumps(record) + "\n" for record in kept)
         os.replace(path + ".tmp", path)
     return kept
 
@@ -1595,7 +1669,8 @@ class Config:
     kl_coef: float = option(0.04, "GRPO only: KL(pi||pi_ref) coefficient")
     length_normalize: bool = option(True, "FlowRL only: Eq. 6's 1/|y| (--no-length-normalize: the paper's ablation)")
     log_z: str = option("head", "FlowRL only: log Z_phi(x) from head (the paper's MLP), group or none")
-    std_normalize: bool = option(True, "Eq. 5's division by the group's reward std (--no-std-normalize: r - mean(r))")
+    reward_normalization: str = option("std", "what the loss sees in place of r: std, Eq. 5's (r - mean) / std (the "
+                                       "paper's); mean, r - mean(r); none, r itself (Eq. 3). GRPO: its advantage")
     skip_equal_groups: bool = option(False, "leave groups whose rewards are all equal out of the loss")
     # optimisation
     lr: float = option(3e-5, "policy learning rate (paper: 1e-6 for 7B/32B)")
@@ -1667,6 +1742,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
 
     check("algo", cfg.algo in ("flowrl", "grpo"), "must be flowrl or grpo")
     check("log_z", cfg.log_z in ("head", "group", "none"), "must be head, group or none")
+    check("reward_normalization", cfg.reward_normalization in ("std", "mean", "none"), "must be std, mean or none")
     check("task", cfg.task in TASKS, f"must be one of {', '.join(TASKS)}")
     check("precision", cfg.precision in ("auto", "bf16", "fp32"), "must be auto, bf16 or fp32")
     check("device", re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device) is not None, "must be auto, cpu or cuda")

@@ -5,6 +5,8 @@ Run: python -m pytest -q test_flowrl.py
 import json
 import math
 import os
+import pathlib
+import pickle
 import re
 import shutil
 import sys
@@ -215,7 +217,8 @@ def test_flowrl_loss_hand_computed():
     weight_1 = math.exp(-3.0 - (-3.1))                           # exp(0.1) = 1.105, inside the clip range
     weight_2 = math.exp(-1.5 - (-1.4))                           # exp(-0.1) = 0.905, inside too
     expected = (weight_1 * residual_1 ** 2 + weight_2 * residual_2 ** 2) / 2
-    loss, stats = flowrl_loss(logprobs, ref_logprobs, old_logprobs, log_z, reward_hat, mask, beta=beta, clip_eps=eps)
+    loss, stats = flowrl_loss(logprobs, ref_logprobs=ref_logprobs, old_logprobs=old_logprobs, log_z=log_z,
+                              reward_hat=reward_hat, completion_mask=mask, beta=beta, clip_eps=eps)
     assert loss.item() == pytest.approx(expected, rel=1e-5)
     assert stats["residual"].tolist() == pytest.approx([residual_1, residual_2], rel=1e-5)
     assert stats["residual_abs_mean"].item() == pytest.approx((1.2 + 2.3) / 2, rel=1e-5)
@@ -227,8 +230,10 @@ def test_flowrl_loss_length_normalisation():
     kwargs = dict(log_z=torch.tensor([0.4]), reward_hat=torch.tensor([0.5]), beta=15.0)
     short = [torch.tensor([[-0.7, -1.3]]), torch.tensor([[-1.1, -0.9]])]
     long = [t.repeat(1, 5) for t in short]
-    loss_short, stats_short = flowrl_loss(short[0], short[1], short[0], completion_mask=torch.ones(1, 2), **kwargs)
-    loss_long, stats_long = flowrl_loss(long[0], long[1], long[0], completion_mask=torch.ones(1, 10), **kwargs)
+    loss_short, stats_short = flowrl_loss(short[0], ref_logprobs=short[1], old_logprobs=short[0],
+                                          completion_mask=torch.ones(1, 2), **kwargs)
+    loss_long, stats_long = flowrl_loss(long[0], ref_logprobs=long[1], old_logprobs=long[0],
+                                        completion_mask=torch.ones(1, 10), **kwargs)
     assert loss_long.item() == pytest.approx(loss_short.item(), rel=1e-6)
     assert stats_long["residual"].item() == pytest.approx(stats_short["residual"].item(), rel=1e-6)
 
@@ -239,7 +244,8 @@ def test_flowrl_loss_without_length_normalisation_uses_the_sequence_log_ratio():
     ref_logprobs = torch.tensor([[-2.0, -2.0, -9.0], [-1.0, -1.0, -1.0]])
     mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
     args = dict(log_z=torch.tensor([0.3, -0.2]), reward_hat=torch.tensor([1.0, -1.0]), beta=2.0)
-    loss, stats = flowrl_loss(logprobs, ref_logprobs, logprobs, completion_mask=mask, length_normalize=False, **args)
+    loss, stats = flowrl_loss(logprobs, ref_logprobs=ref_logprobs, old_logprobs=logprobs, completion_mask=mask,
+                              length_normalize=False, **args)
     residual_1 = 0.3 + (-3.0) - 2.0 * 1.0 - (-4.0)                 # -0.7
     residual_2 = -0.2 + (-1.5) + 2.0 - (-3.0)                      # 3.3
     assert stats["residual"].tolist() == pytest.approx([residual_1, residual_2], rel=1e-5)
@@ -253,8 +259,8 @@ def test_flowrl_importance_weight_is_clipped_and_detached():
     mask = torch.ones(3, 2)
     log_z = torch.zeros(3, requires_grad=True)
     reward_hat = torch.tensor([1.0, -1.0, 0.5])
-    loss, stats = flowrl_loss(logprobs, torch.full((3, 2), -1.0), old_logprobs, log_z, reward_hat, mask,
-                              beta=1.0, clip_eps=0.2)
+    loss, stats = flowrl_loss(logprobs, ref_logprobs=torch.full((3, 2), -1.0), old_logprobs=old_logprobs, log_z=log_z,
+                              reward_hat=reward_hat, completion_mask=mask, beta=1.0, clip_eps=0.2)
     assert stats["weight"].tolist() == pytest.approx([1.2, 0.8, math.exp(0.05)], rel=1e-5)
     assert stats["weight_clipped_frac"].item() == pytest.approx(2 / 3)
     # the unclipped row's residual is not 0, so a weight that carried a gradient would change this row's
@@ -281,9 +287,10 @@ def test_log_z_from_the_group_is_its_mean_target_detached_and_zeroes_its_mean_re
     mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 1], [1, 1, 0]])
     reward_hat = group_normalize(torch.tensor([1., 0, 0, 1, 1, 0]), 3)
     for length_normalize in (True, False):
-        log_z = flowrl.group_log_z(logprobs, ref_logprobs, reward_hat, mask, 3, beta=2.0,
-                                   length_normalize=length_normalize)
-        loss, stats = flowrl_loss(logprobs, ref_logprobs, old_logprobs, log_z, reward_hat, mask, beta=2.0,
+        log_z = flowrl.group_log_z(logprobs, ref_logprobs=ref_logprobs, reward_hat=reward_hat, completion_mask=mask,
+                                   group_size=3, beta=2.0, length_normalize=length_normalize)
+        loss, stats = flowrl_loss(logprobs, ref_logprobs=ref_logprobs, old_logprobs=old_logprobs, log_z=log_z,
+                                  reward_hat=reward_hat, completion_mask=mask, beta=2.0,
                                   length_normalize=length_normalize)
         assert stats["weight_clipped_frac"].item() == 0 and stats["weight"].std().item() > 0.01
         lengths = mask.sum(-1).float() if length_normalize else torch.ones(6)
@@ -295,18 +302,22 @@ def test_log_z_from_the_group_is_its_mean_target_detached_and_zeroes_its_mean_re
         loss.backward()
         gradient = logprobs.grad.clone()
         logprobs.grad = None
-        constant, _ = flowrl_loss(logprobs, ref_logprobs, old_logprobs, stats["log_z"].clone(), reward_hat, mask,
+        constant, _ = flowrl_loss(logprobs, ref_logprobs=ref_logprobs, old_logprobs=old_logprobs,
+                                  log_z=stats["log_z"].clone(), reward_hat=reward_hat, completion_mask=mask,
                                   beta=2.0, length_normalize=length_normalize)
         constant.backward()
         assert torch.allclose(gradient, logprobs.grad, atol=1e-6)
         logprobs.grad = None
 
 
-def test_group_normalize_without_the_std_is_the_centred_reward():
+def test_the_reward_the_loss_sees_is_eq5_by_default_else_the_centred_or_the_raw_reward():
     rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 2.0, 4.0, 6.0, 8.0])
-    assert torch.allclose(group_normalize(rewards, 4, std_normalize=False),
-                          torch.tensor([0.75, -0.25, -0.25, -0.25, -3.0, -1.0, 1.0, 3.0]))
-    assert flowrl.config_from_argv(["--no-std-normalize"]).std_normalize is False
+    assert flowrl.config_from_argv([]).reward_normalization == "std"
+    chosen = {name: flowrl.reward_hat_of(rewards, 4, flowrl.config_from_argv(["--reward-normalization", name])
+                                         .reward_normalization) for name in ("std", "mean", "none")}
+    assert torch.equal(chosen["std"], group_normalize(rewards, 4))
+    assert torch.allclose(chosen["mean"], torch.tensor([0.75, -0.25, -0.25, -0.25, -3.0, -1.0, 1.0, 3.0]))
+    assert torch.equal(chosen["none"], rewards)
 
 
 def test_loss_diagnostics_on_a_hand_made_batch():
@@ -336,7 +347,8 @@ def test_flowrl_gradient_wrt_shared_log_z():
     logprobs, ref_logprobs, old_logprobs = (torch.randn(5, 4) - 2 for _ in range(3))
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]])
     shared_log_z = torch.tensor(0.7, requires_grad=True)
-    loss, stats = flowrl_loss(logprobs, ref_logprobs, old_logprobs, shared_log_z.expand(5), torch.randn(5), mask)
+    loss, stats = flowrl_loss(logprobs, ref_logprobs=ref_logprobs, old_logprobs=old_logprobs,
+                              log_z=shared_log_z.expand(5), reward_hat=torch.randn(5), completion_mask=mask)
     loss.backward()
     assert shared_log_z.grad.item() == pytest.approx(2 * (stats["weight"] * stats["residual"]).mean().item(), rel=1e-5)
 
@@ -345,9 +357,11 @@ def test_flowrl_padding_does_not_change_the_loss():
     logprobs = torch.tensor([[-1.0, -0.5]])
     padded = torch.tensor([[-1.0, -0.5, -7.0, -3.0]])
     args = dict(log_z=torch.tensor([0.1]), reward_hat=torch.tensor([0.3]))
-    a, _ = flowrl_loss(logprobs, logprobs - 0.2, logprobs, completion_mask=torch.ones(1, 2), **args)
+    a, _ = flowrl_loss(logprobs, ref_logprobs=logprobs - 0.2, old_logprobs=logprobs, completion_mask=torch.ones(1, 2),
+                       **args)
     padded_old = torch.tensor([[-1.0, -0.5, 5.0, 9.0]])   # the old policy differs only under the padding
-    b, _ = flowrl_loss(padded, padded - 0.2, padded_old, completion_mask=torch.tensor([[1, 1, 0, 0]]), **args)
+    b, _ = flowrl_loss(padded, ref_logprobs=padded - 0.2, old_logprobs=padded_old,
+                       completion_mask=torch.tensor([[1, 1, 0, 0]]), **args)
     assert a.item() == pytest.approx(b.item(), rel=1e-6)
 
 
@@ -359,12 +373,23 @@ def test_losses_ignore_non_finite_log_probs_under_the_padding(garbage):
     logprobs = torch.tensor([[-1.0, -0.5, garbage], [-2.0, garbage, garbage]], requires_grad=True)
     ref, old = logprobs - 0.3, logprobs + 0.05
     clean = [t.detach().nan_to_num(0.0, neginf=0.0) for t in (logprobs, ref, old)]
-    rewards = (torch.tensor([0.5, -0.5]), torch.tensor([1.0, -1.0]))
-    assert torch.equal(flowrl_loss(logprobs, ref, old, *rewards, mask)[0], flowrl_loss(*clean, *rewards, mask)[0])
-    assert torch.equal(flowrl.group_log_z(logprobs, ref, rewards[1], mask, 2), flowrl.group_log_z(*clean[:2], rewards[1], mask, 2))
-    grpo, expected = grpo_loss(logprobs, ref, old, rewards[1], mask)[0], grpo_loss(*clean, rewards[1], mask)[0]
+    terms = dict(log_z=torch.tensor([0.5, -0.5]), reward_hat=torch.tensor([1.0, -1.0]), completion_mask=mask)
+
+    def flowrl_of(pi_theta, pi_ref, pi_old):
+        return flowrl_loss(pi_theta, ref_logprobs=pi_ref, old_logprobs=pi_old, **terms)[0]
+
+    def grpo_of(pi_theta, pi_ref, pi_old):
+        return grpo_loss(pi_theta, ref_logprobs=pi_ref, old_logprobs=pi_old, advantages=terms["reward_hat"],
+                         completion_mask=mask)[0]
+
+    def group_log_z_of(pi_theta, pi_ref):
+        return flowrl.group_log_z(pi_theta, ref_logprobs=pi_ref, reward_hat=terms["reward_hat"], completion_mask=mask,
+                                  group_size=2)
+    assert torch.equal(flowrl_of(logprobs, ref, old), flowrl_of(*clean))
+    assert torch.equal(group_log_z_of(logprobs, ref), group_log_z_of(*clean[:2]))
+    grpo, expected = grpo_of(logprobs, ref, old), grpo_of(*clean)
     assert torch.isfinite(grpo) and torch.equal(grpo, expected)
-    for loss in (flowrl_loss(logprobs, ref.detach(), old.detach(), *rewards, mask)[0], grpo):
+    for loss in (flowrl_of(logprobs, ref.detach(), old.detach()), grpo):
         gradient, = torch.autograd.grad(loss, logprobs)
         assert torch.isfinite(gradient).all() and (gradient[~mask.bool()] == 0).all()
 
@@ -378,7 +403,8 @@ def test_grpo_loss_hand_computed():
     ref_logprobs = torch.tensor([[-1.0, -1.0], [-1.0, -2.0]])
     advantages = torch.tensor([1.0, -1.0])
     mask = torch.tensor([[1, 1], [1, 0]])
-    loss, stats = grpo_loss(logprobs, ref_logprobs, old_logprobs, advantages, mask, clip_eps=0.2, kl_coef=0.1)
+    loss, stats = grpo_loss(logprobs, ref_logprobs=ref_logprobs, old_logprobs=old_logprobs, advantages=advantages,
+                            completion_mask=mask, clip_eps=0.2, kl_coef=0.1)
     # sequence 1: min(e^0.5, 1.2) = 1.2 and 1.0, no KL -> (1.2 + 1.0) / 2 = 1.1
     # sequence 2: one token, ratio 1, A = -1 -> -1; KL = e^1 - 1 - 1 = 0.71828 -> -1 - 0.1 * 0.71828
     expected = -((1.1) + (-1.0 - 0.1 * (math.e - 2))) / 2
@@ -410,9 +436,11 @@ def train_toy(algo, steps=600, batch=64, beta=3.0, seed=0):
         mask = torch.ones(batch, 1)
         rewards = REWARDS[responses]
         if algo == "flowrl":   # raw rewards, no group normalisation
-            loss, _ = flowrl_loss(logprobs, ref_logprobs, logprobs.detach(), log_z.expand(batch), rewards, mask, beta=beta)
+            loss, _ = flowrl_loss(logprobs, ref_logprobs=ref_logprobs, old_logprobs=logprobs.detach(),
+                                  log_z=log_z.expand(batch), reward_hat=rewards, completion_mask=mask, beta=beta)
         else:
-            loss, _ = grpo_loss(logprobs, ref_logprobs, logprobs.detach(), group_normalize(rewards, 8), mask)
+            loss, _ = grpo_loss(logprobs, ref_logprobs=ref_logprobs, old_logprobs=logprobs.detach(),
+                                advantages=group_normalize(rewards, 8), completion_mask=mask)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -607,7 +635,7 @@ def test_arithmetic_split_is_fixed_and_disjoint():
     assert not {p.question for p in train} & {p.question for p in held_out}
     for problem in held_out:
         a, op, b = problem.question.removeprefix("What is ").removesuffix("?").split()
-        assert int(problem.answer) == (int(a) + int(b) if op == "+" else int(a) - int(b))
+        assert int(problem.answers[0]) == (int(a) + int(b) if op == "+" else int(a) - int(b))
     with pytest.raises(ValueError):
         flowrl.arithmetic_problems("+", 0, 1, 50, split_seed=0)   # 4 problems cannot hold out 50
 
@@ -618,7 +646,7 @@ def test_jsonl_loader_gsm8k_format(tmp_path):
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
     problems = flowrl.load_jsonl(str(path), "question", "answer")
     assert len(problems) == 6
-    assert math_reward("so it is 4", problems[3].answer) == 1.0
+    assert math_reward("so it is 4", problems[3].answers[0]) == 1.0
     cfg = Config(data=str(path), eval_size=2, split_seed=0)
     train, held_out = flowrl.load_problems(cfg)
     assert len(train) == 4 and len(held_out) == 2 and not set(train) & set(held_out)
@@ -676,7 +704,7 @@ def read_metrics(output_dir):
 
 @pytest.mark.parametrize("algo, changes", [
     ("flowrl", {}), ("grpo", {}), ("flowrl", {"log_z": "group", "micro_batch_size": 4}), ("flowrl", {"log_z": "none"}),
-    ("flowrl", {"std_normalize": False, "skip_equal_groups": True}), ("grpo", {"skip_equal_groups": True}),
+    ("flowrl", {"reward_normalization": "mean", "skip_equal_groups": True}), ("grpo", {"skip_equal_groups": True}),
     ("flowrl", {"explore_temperature": 3.0})])
 def test_end_to_end_train_checkpoint_resume(tiny_model_dir, tmp_path, monkeypatch, algo, changes):
     from transformers import AutoModelForCausalLM
@@ -742,7 +770,7 @@ def test_end_to_end_train_checkpoint_resume(tiny_model_dir, tmp_path, monkeypatc
         assert torch.allclose(a, b, atol=1e-6), name
     initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert not torch.allclose(initial.lm_head.weight, straight_model.lm_head.weight)  # it did train
-    state = torch.load(os.path.join(straight.output_dir, "checkpoint", "trainer_state.pt"), weights_only=False)
+    state = torch.load(os.path.join(straight.output_dir, "checkpoint", "trainer_state.pt"), weights_only=True)
     assert state["step"] == 3
 
 
@@ -775,12 +803,12 @@ def test_a_run_resumed_with_another_log_z(tiny_model_dir, tmp_path):
     flowrl.train(cfg)
     flowrl.main(["--resume", cfg.output_dir, "--steps", "2", "--log-z", "group"])
     checkpoint = os.path.join(cfg.output_dir, "checkpoint")
-    state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)
+    state = torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=True)
     assert state["step"] == 2 and len(state["optimizer"]["param_groups"]) == 1
     assert not os.path.exists(os.path.join(checkpoint, "log_z_head.pt"))
     with pytest.raises(SystemExit, match="has no log Z head"):
         flowrl.main(["--resume", cfg.output_dir, "--steps", "3", "--log-z", "head"])
-    assert torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)["step"] == 2
+    assert torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=True)["step"] == 2
 
 
 def test_non_finite_loss_skips_the_update(tiny_model_dir, tmp_path, monkeypatch):
@@ -809,9 +837,9 @@ def test_interrupted_save_keeps_the_last_checkpoint(tiny_model_dir, tmp_path, mo
         flowrl.main(["--resume", cfg.output_dir, "--steps", "2"])
     monkeypatch.undo()
     assert sorted(os.listdir(checkpoint)) == before
-    assert torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)["step"] == 1
+    assert torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=True)["step"] == 1
     flowrl.main(["--resume", cfg.output_dir, "--steps", "2"])   # and it still resumes from there
-    assert torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)["step"] == 2
+    assert torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=True)["step"] == 2
 
 
 @pytest.mark.parametrize("failure", [OSError(28, "No space left on device"),
@@ -832,7 +860,7 @@ def test_full_disk_is_one_clear_error_and_keeps_the_last_checkpoint(tiny_model_d
     monkeypatch.undo()
     assert sorted(os.listdir(cfg.output_dir)) == ["checkpoint", "config.json", "metrics.jsonl"]  # no partial .tmp
     assert sorted(os.listdir(checkpoint)) == before
-    assert torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)["step"] == 1
+    assert torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=True)["step"] == 1
 
 
 def test_save_interrupted_between_renames_resumes_from_the_previous_checkpoint(tiny_model_dir, tmp_path,
@@ -855,7 +883,7 @@ def test_save_interrupted_between_renames_resumes_from_the_previous_checkpoint(t
         flowrl.main(["--model", tiny_model_dir, "--output-dir", cfg.output_dir])
     flowrl.main(["--resume", cfg.output_dir, "--steps", "2"])   # resumes from step 1, the last complete save
     assert sorted(os.listdir(cfg.output_dir)) == ["checkpoint", "config.json", "metrics.jsonl"]
-    state = torch.load(os.path.join(cfg.output_dir, "checkpoint", "trainer_state.pt"), weights_only=False)
+    state = torch.load(os.path.join(cfg.output_dir, "checkpoint", "trainer_state.pt"), weights_only=True)
     assert state["step"] == 2
 
 
@@ -936,8 +964,8 @@ def test_every_model_runs_pytorchs_own_ops_not_hub_kernels(tiny_model_dir, tmp_p
     gguf = [flowrl.smollm2_gguf_path()] if flowrl.smollm2_gguf_path() else []
     sources = [tiny_model_dir, str(tmp_path / "run")] + gguf
     for source in sources:
-        policy, reference, _ = flowrl.load_policy_and_reference(Config(model=source), None, LOCAL)
-        for model in (policy, reference):
+        policy, ref_model, _ = flowrl.load_policy_and_ref_model(Config(model=source), None, LOCAL)
+        for model in (policy, ref_model):
             for mode in (True, False):
                 model.train(mode)
                 assert model.use_kernels is False, (source, mode)
@@ -1049,7 +1077,7 @@ def test_explored_rollouts_follow_the_explore_temperature_and_the_loss_scores_th
     model, tokenizer = flowrl.load_model_and_tokenizer(tiny_model_dir)
     with torch.no_grad():
         model.lm_head.weight.mul_(3.0)   # logits spread enough that the two temperatures give other log-probs
-    reference = flowrl.copy.deepcopy(model).eval().requires_grad_(False)
+    ref_model = flowrl.copy.deepcopy(model).eval().requires_grad_(False)
     cfg = tiny_config(tiny_model_dir, tmp_path, algo=algo, temperature=0.7, explore_temperature=2.0, lr=0.0,
                       log_z_lr=0.0, weight_decay=0.0, updates_per_batch=2, micro_batch_size=4, max_new_tokens=5)
     head = LogZHead(model.config.hidden_size) if algo == "flowrl" else None
@@ -1065,16 +1093,17 @@ def test_explored_rollouts_follow_the_explore_temperature_and_the_loss_scores_th
         sampled.append(sample(*args, **kwargs))
         return sampled[-1]
 
-    def loss_and_keep(logprobs, ref, old, *args, **kwargs):      # both losses take (pi_theta, pi_ref, pi_old, ...)
-        mask = args[-1] if algo == "grpo" else args[2]
-        loss_inputs.append((logprobs.detach(), old, ref, mask.bool()))
-        return loss_function(logprobs, ref, old, *args, **kwargs)
+    def loss_and_keep(logprobs, **kwargs):      # both losses take pi_theta, then pi_ref, pi_old and the mask by name
+        loss_inputs.append((logprobs.detach(), kwargs["old_logprobs"], kwargs["ref_logprobs"],
+                            kwargs["completion_mask"].bool()))
+        return loss_function(logprobs, **kwargs)
     monkeypatch.setattr(flowrl, "sample_from_scores", draw_and_keep_scores)
     monkeypatch.setattr(flowrl, "sample_completions", sample_and_keep)
     monkeypatch.setattr(flowrl, f"{algo}_loss", loss_and_keep)
     torch.manual_seed(0)
     problems = flowrl.load_problems(cfg)[0][:2]
-    flowrl.training_step(flowrl.Run(cfg, LOCAL, model, tokenizer, optimizer, reference, head), problems)
+    flowrl.training_step(flowrl.Run(cfg, LOCAL, model, tokenizer, optimizer, ref_model, head,
+                                    flowrl.reward_function(cfg)), problems)
     monkeypatch.undo()
     rollouts, prompt_length = sampled[0], sampled[0].prompt_length
     mask = torch.cat([rollouts.attention_mask[:, :prompt_length],
@@ -1211,7 +1240,7 @@ def test_a_replayed_graph_gives_the_eager_logits_also_after_an_optimiser_step(ti
                                eager.prefill(encoded.input_ids, encoded.attention_mask, 3))
             for step in range(6):
                 token = torch.randint(3, 40, (6,), device="cuda")
-                replayed = graphed.step(token).clone()
+                replayed = graphed.advance(token).clone()
                 eager.token.copy_(token[:, None])
                 assert torch.allclose(replayed, eager.forward(), atol=1e-5), step
                 eager.position += 1
@@ -1250,27 +1279,35 @@ def test_chunked_log_probs_equal_the_full_softmax_in_value_and_gradient(monkeypa
         assert chunked_grad.dtype == dtype and torch.allclose(chunked_grad.float(), logits.grad.float(), atol=1e-6)
 
 
-def test_log_z_draws_a_dropout_mask_per_row_however_the_pass_is_cut(tiny):
-    """In training mode each row's log Z has its own dropout mask, whether its group shares one prompt pass
-    (micro-batches of whole groups), is cut into parts, or is scored row by row (gradient checkpointing): rows of
-    one prompt differ, and with the same random numbers the whole-group and row-by-row passes agree."""
+def test_log_z_draws_one_dropout_mask_a_prompt_whatever_path_the_pass_takes(tiny, monkeypatch):
+    """In training mode log Z_phi(x) is one value a prompt: its G rows share one dropout mask, whether they share
+    one prompt pass or are passed row by row (gradient checkpointing); with the same random numbers the two paths
+    agree, and a group cut into two passes draws a mask for each part. (The official code draws one a row: the
+    group's residuals, spread by beta r_hat, then no longer cancel in the head's gradient; bench/README.md.)"""
     model, tokenizer = tiny
     torch.manual_seed(0)
     rollouts = flowrl.sample_completions(model, tokenizer, ["What is 1 + 2?", "Hi"], 4, max_new_tokens=5)
     head = LogZHead(model.config.hidden_size).train()
-    log_z = {}
-    for rows_per_pass in (4, 2, 1):
-        torch.manual_seed(1)
+
+    def log_z(rows, rows_per_pass, checkpointing=False):
+        monkeypatch.setattr(type(model), "is_activation_checkpointing", checkpointing, raising=False)
         with torch.no_grad():
-            log_z[rows_per_pass] = token_logprobs_and_log_z(model, rollouts.input_ids, rollouts.attention_mask,
-                                                            rollouts.prompt_length, 1.0, head, rows_per_pass)[1]
-        assert log_z[rows_per_pass][:4].unique().numel() == 4, rows_per_pass
-    assert torch.allclose(log_z[4], log_z[1], atol=1e-5) and torch.allclose(log_z[2], log_z[1], atol=1e-5)
+            return token_logprobs_and_log_z(model, rollouts.input_ids[rows], rollouts.attention_mask[rows],
+                                            rollouts.prompt_length, 1.0, head, rows_per_pass)[1]
+    torch.manual_seed(1)
+    shared = log_z(slice(None), 4)
+    torch.manual_seed(1)
+    row_by_row = log_z(slice(None), 4, checkpointing=True)
+    assert torch.allclose(shared, row_by_row, atol=1e-5)
+    for group in (shared[:4], shared[4:]):
+        assert torch.equal(group, group[0].expand(4))
+    assert shared[0] != shared[4]
+    torch.manual_seed(1)
+    halves = torch.cat([log_z(slice(0, 2), 2), log_z(slice(2, 4), 2)])
+    assert torch.equal(halves[:2], halves[0].expand(2)) and halves[0] != halves[2]
     head.eval()
-    with torch.no_grad():
-        evaluated = token_logprobs_and_log_z(model, rollouts.input_ids, rollouts.attention_mask,
-                                             rollouts.prompt_length, 1.0, head, 4)[1]
-    assert torch.allclose(evaluated[:4], evaluated[0].expand(4))     # without dropout, one value per prompt
+    evaluated = log_z(slice(None), 4)
+    assert torch.allclose(evaluated, log_z(slice(None), 1), atol=1e-5)   # without dropout, one value a prompt anyway
 
 
 def soft_capped_models():
@@ -1367,17 +1404,17 @@ def test_qwen_architecture_trains_saves_and_resumes_through_the_cli(monkeypatch,
              "--answer-samples", "4", "--show-examples", "0", "--lr", "1e-3", "--updates-per-batch", "2"]
     pick_study.main(flags + ["--steps", "1"])
     saved = os.path.join(output_dir, "checkpoint")
-    step0_answers = torch.load(os.path.join(saved, "trainer_state.pt"), weights_only=False)["study"]["step0_answers"]
+    step0_answers = torch.load(os.path.join(saved, "trainer_state.pt"), weights_only=True)["study"]["step0_answers"]
     pick_study.main(["--resume", output_dir, "--steps", "2"])
     # the resumed run compares against the same step-0 answer counts
-    state = torch.load(os.path.join(saved, "trainer_state.pt"), weights_only=False)
+    state = torch.load(os.path.join(saved, "trainer_state.pt"), weights_only=True)
     assert state["study"] == {"step0_answers": step0_answers, "answer_prompts": 1, "answer_samples": 4}
     assert step0_answers["answers"]["train"] and step0_answers["logprobs"]["train"] is None   # not the pick task
     records = read_metrics(output_dir)
     assert [r["step"] for r in records if r["split"] == "train"] == [1, 2]
     assert all(math.isfinite(r["loss"]) and r["skipped_updates"] == 0 for r in records if r["split"] == "train")
     assert all(r["train_sampled_questions"] == 1 for r in records if r["split"] == "eval")
-    assert torch.load(os.path.join(saved, "trainer_state.pt"), weights_only=False)["step"] == 2
+    assert torch.load(os.path.join(saved, "trainer_state.pt"), weights_only=True)["step"] == 2
     reloaded, _ = flowrl.load_model_and_tokenizer(saved)
     assert type(reloaded).__name__ == "Qwen2ForCausalLM"
     assert reloaded.generation_config.repetition_penalty == 1.05   # the model's own settings are kept, not used
@@ -1419,7 +1456,7 @@ def update_setup(tiny_model_dir, algo="flowrl"):
 
 def update(setup, rollouts, reward_hat, ref_logprobs, trained_groups=None, runtime=LOCAL):
     """flowrl.policy_update with update_setup's (policy, head, optimizer, cfg) on a batch of rollouts, their r_hat
-    and reference log-probs: the Update."""
+    and pi_ref's log-probs: the UpdateLog."""
     policy, head, optimizer, cfg = setup
     if trained_groups is None:
         trained_groups = torch.arange(len(reward_hat) // cfg.group_size)
@@ -1464,13 +1501,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def all_logprobs(model, rollouts, group_size):
+    """flowrl.batched_token_logprobs over every row, whole groups a pass, [B, T]."""
+    passes = flowrl.forward_passes(torch.arange(len(rollouts.texts) // group_size), group_size, len(rollouts.texts))
+    return flowrl.batched_token_logprobs(model, rollouts, 1.0, passes, LOCAL)
+
+
 def update_batch(tiny) -> dict:
     """Two groups of 4 rollouts of the tiny model, their r_hat and reference log-probs: one update's input."""
     model, tokenizer = tiny
     torch.manual_seed(0)
     rollouts = flowrl.sample_completions(model, tokenizer, ["What is 1 + 2?", "What is 3 + 0?"], 4, max_new_tokens=5)
     return {"rollouts": rollouts, "reward_hat": group_normalize(torch.tensor([1., 0, 0, 1, 0, 1, 1, 1]), 4),
-            "ref_logprobs": flowrl.batched_token_logprobs(model, rollouts, 1.0, 8, LOCAL) - 0.1}
+            "ref_logprobs": all_logprobs(model, rollouts, 4) - 0.1}
 
 
 def joined_worker_share(rank, world_size, port, tiny_model_dir, batch_path):
@@ -1523,7 +1566,7 @@ def test_micro_batch_size_does_not_change_the_update(tiny, tiny_model_dir, algo)
     rollouts = flowrl.sample_completions(model, tokenizer, ["What is 1 + 2?", "Hi", "What is 30 + 4?"], 4,
                                          max_new_tokens=5)
     reward_hat = group_normalize(torch.tensor([1., 0, 0, 1, 0, 1, 1, 1, 0, 0, 0, 1]), 4)
-    ref_logprobs = flowrl.batched_token_logprobs(model, rollouts, 1.0, 12, LOCAL) - 0.1
+    ref_logprobs = all_logprobs(model, rollouts, 4) - 0.1
     updated = {}
     for micro_batch_size in (12, 8, 4, 3, 2, 1):
         policy, head, optimizer, cfg = setup = update_setup(tiny_model_dir, algo)
@@ -1566,11 +1609,11 @@ def test_a_steps_loss_is_the_mean_over_the_updates_it_made(tiny):
     over that update's sequences, not over every sequence of the batch."""
     data = update_batch(tiny)
     cfg = Config(group_size=4)
-    batch = flowrl.Batch([flowrl.Problem("q", "1")] * 2, data["rollouts"], torch.zeros(8), data["reward_hat"],
+    batch = flowrl.Batch([flowrl.Problem("q", ("1",))] * 2, data["rollouts"], torch.zeros(8), data["reward_hat"],
                          torch.arange(2))
-    update = flowrl.Update({"loss": 8.0, "weight_mean": 4.0}, 4, 1, 1, {"grad_norm": 0.5},
-                           {name: torch.zeros(8) for name in ("log_z", "residual", "importance_weight")})
-    record = flowrl.step_record(flowrl.Run(cfg, LOCAL, None, None), batch, update,
+    update_log = flowrl.UpdateLog({"loss": 8.0, "weight_mean": 4.0}, 4, 1, 1, {"grad_norm": 0.5},
+                                  {name: torch.zeros(8) for name in ("log_z", "residual", "importance_weight")})
+    record = flowrl.step_record(flowrl.Run(cfg, LOCAL, None, None), batch, update_log,
                                 {"step": 1.0, "generation": 1.0, "train": 1.0})
     assert record["loss"] == 2.0 and record["weight_mean"] == 1.0 and record["in_loss_frac"] == 1.0
     assert (record["updates"], record["skipped_updates"], record["grad_norm"]) == (1, 1, 0.5)
@@ -1582,8 +1625,8 @@ def test_the_gradient_norms_are_logged_before_clipping_policy_and_log_z_head_apa
     rollouts = batch["rollouts"]
     logprobs, log_z = token_logprobs_and_log_z(policy, rollouts.input_ids, rollouts.attention_mask,
                                                rollouts.prompt_length, 1.0, head, rows_per_pass=4)
-    loss, _ = flowrl_loss(logprobs, batch["ref_logprobs"], logprobs.detach(), log_z, batch["reward_hat"],
-                          rollouts.completion_mask, beta=cfg.beta)
+    loss, _ = flowrl_loss(logprobs, ref_logprobs=batch["ref_logprobs"], old_logprobs=logprobs.detach(), log_z=log_z,
+                          reward_hat=batch["reward_hat"], completion_mask=rollouts.completion_mask, beta=cfg.beta)
     loss.backward()
     expected = [torch.cat([p.grad.flatten() for p in module.parameters()]).norm().item() for module in (policy, head)]
     optimizer.zero_grad(set_to_none=True)
@@ -1606,7 +1649,7 @@ def test_pick_task_split_is_fixed_and_disjoint_and_every_problem_has_several_ans
     assert not {p.question for p in train} & {p.question for p in held_out}
     for problem in train + held_out:
         listed = problem.question.split("that is not ")[1].split(".")[0].replace(" or", ",").split(", ")
-        valid = problem.answer.split(", ")
+        valid = list(problem.answers)
         assert len(valid) >= 4 and not set(listed) & set(valid)
         assert sorted(map(int, listed + valid)) == list(range(1, 11))
 
@@ -1619,7 +1662,7 @@ def test_pick_task_split_is_fixed_and_disjoint_and_every_problem_has_several_ans
     ("Not 2, 4 or 6: so 3", 1.0), ("3 is not 2, 4 or 6", 0.0),   # the LAST number is the answer
 ])
 def test_pick_reward(completion, reward):
-    assert flowrl.pick_reward(completion, "1, 3, 5, 7, 8, 9, 10") == reward
+    assert flowrl.pick_reward(completion, ("1", "3", "5", "7", "8", "9", "10")) == reward
 
 
 def distributed_main_worker(rank, world_size, port, argv):
@@ -1644,7 +1687,7 @@ def test_two_processes_train_log_save_and_resume_through_the_cli(tiny_model_dir,
     assert all(r["updates"] == 2 for r in records if r["split"] == "train")       # the default, 2 groups a process
     with open(os.path.join(output_dir, "rollouts.jsonl")) as f:
         assert len(f.readlines()) == 3 * 4 * 4      # both processes' completions, logged once
-    state = torch.load(os.path.join(output_dir, "checkpoint", "trainer_state.pt"), weights_only=False)
+    state = torch.load(os.path.join(output_dir, "checkpoint", "trainer_state.pt"), weights_only=True)
     assert state["step"] == 3
 
 
@@ -1670,7 +1713,7 @@ def test_resume_takes_the_learning_rates_it_is_given(tiny_model_dir, tmp_path):
     head_before = torch.load(os.path.join(checkpoint, "log_z_head.pt"))
     flowrl.main(["--resume", cfg.output_dir, "--steps", "3", "--lr", "0", "--log-z-lr", "0"])
     after = AutoModelForCausalLM.from_pretrained(checkpoint)
-    assert torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)["step"] == 3
+    assert torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=True)["step"] == 3
     for (name, a), (_, b) in zip(before.named_parameters(), after.named_parameters()):
         assert torch.equal(a, b), name
     for name, value in torch.load(os.path.join(checkpoint, "log_z_head.pt")).items():
@@ -1686,7 +1729,7 @@ def test_a_copied_run_resumes_into_the_copy_and_leaves_the_original_alone(tiny_m
     original_state = (tmp_path / "original" / "checkpoint" / "trainer_state.pt").read_bytes()
     shutil.copytree(tmp_path / "original", tmp_path / "copy")
     flowrl.main(["--resume", str(tmp_path / "copy"), "--steps", "2"])
-    assert torch.load(tmp_path / "copy" / "checkpoint" / "trainer_state.pt", weights_only=False)["step"] == 2
+    assert torch.load(tmp_path / "copy" / "checkpoint" / "trainer_state.pt", weights_only=True)["step"] == 2
     assert [r["step"] for r in read_metrics(tmp_path / "copy") if r["split"] == "train"] == [1, 2]
     assert (tmp_path / "original" / "checkpoint" / "trainer_state.pt").read_bytes() == original_state
     for name, content in original_files.items():
@@ -1720,6 +1763,45 @@ def test_a_damaged_checkpoint_file_is_one_line_naming_it(finished_run, tmp_path,
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and os.path.join(run, "checkpoint", name) in lines[0] and "Traceback" not in lines[0]
     assert sorted(os.listdir(run)) == before and not os.path.exists(tmp_path / "b")
+
+
+class WritesAMarker:
+    """A pickle whose loading creates a file: what a crafted .pt could do instead."""
+
+    def __init__(self, path):
+        self.path = pathlib.Path(path)
+
+    def __reduce__(self):
+        return pathlib.Path.touch, (self.path,)
+
+
+@pytest.mark.parametrize("name", ["trainer_state.pt", "log_z_head.pt"])
+def test_a_checkpoint_file_holding_code_runs_nothing_and_is_one_line_naming_it(finished_run, tmp_path, capsys,
+                                                                                 name):
+    """A checkpoint whose .pt file would run code when unpickled: --resume and --model on the run folder exit with
+    status 2 and one line naming the file, and the code never runs (the marker it would write is not there)."""
+    run = shutil.copytree(finished_run, tmp_path / "run")
+    marker = tmp_path / "marker"
+    torch.save(WritesAMarker(marker), os.path.join(run, "checkpoint", name))
+    for argv in (["--resume", str(run), "--steps", "2"], ["--model", str(run), "--output-dir", str(tmp_path / "b")]):
+        with pytest.raises(SystemExit) as exit_info:
+            flowrl.main(argv)
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and len(lines) == 1 and os.path.join(run, "checkpoint", name) in lines[0]
+        assert not marker.exists()
+    with pytest.raises(pickle.UnpicklingError):     # the file does hold the code: loaded as a pickle, it runs
+        torch.load(os.path.join(run, "checkpoint", name), weights_only=True)
+    torch.load(os.path.join(run, "checkpoint", name), weights_only=False)
+    assert marker.exists()
+
+
+def test_a_stray_pickle_in_a_model_folder_is_never_opened(tiny_model_dir, tmp_path, capsys):
+    model = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    marker = tmp_path / "marker"
+    torch.save(WritesAMarker(marker), model / "extra_state.pt")
+    flowrl.main(["--model", str(model), "--steps", "0", "--eval-size", "2", "--max-new-tokens", "2",
+                 "--output-dir", str(tmp_path / "run")])
+    assert not marker.exists() and "greedy accuracy" in capsys.readouterr().out
 
 
 def test_a_damaged_model_folder_is_one_line_naming_the_file(tiny_model_dir, tmp_path, capsys):
@@ -1898,7 +1980,7 @@ def test_a_signal_saves_the_step_and_the_resumed_run_ends_as_an_uninterrupted_on
     assert stopped.value.code == code
     assert f"continue with: python flowrl.py --resume {cut.output_dir}" in capsys.readouterr().out
     checkpoint = os.path.join(cut.output_dir, "checkpoint")
-    assert torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=False)["step"] == 2
+    assert torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=True)["step"] == 2
     assert signal_module.getsignal(signal_module.SIGINT) is handler_before     # the run's handlers are gone
     flowrl.main(["--resume", cut.output_dir])
     resumed = AutoModelForCausalLM.from_pretrained(checkpoint)
@@ -1914,7 +1996,7 @@ def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(tiny_model_
     with pytest.raises(KeyboardInterrupt):
         flowrl.train(cfg)
     monkeypatch.undo()
-    state = torch.load(os.path.join(cfg.output_dir, "checkpoint", "trainer_state.pt"), weights_only=False)
+    state = torch.load(os.path.join(cfg.output_dir, "checkpoint", "trainer_state.pt"), weights_only=True)
     assert state["step"] == 1
 
 
@@ -1933,7 +2015,7 @@ def test_a_signal_to_one_process_stops_all_at_the_same_step_with_a_checkpoint(ti
              "--save-every", "0", "--timeout-minutes", "1", "--updates-per-batch", "1"]
     codes = join_within(spawn_workers(signalled_rank_worker, 2, flags), 180)
     assert codes[1] == 143 and codes[0] != 0
-    state = torch.load(os.path.join(output_dir, "checkpoint", "trainer_state.pt"), weights_only=False)
+    state = torch.load(os.path.join(output_dir, "checkpoint", "trainer_state.pt"), weights_only=True)
     assert state["step"] == 2
     assert [r["step"] for r in read_metrics(output_dir) if r["split"] == "train"] == [1, 2]
 
@@ -2071,7 +2153,10 @@ def pick_probes(count):
     return {"held_out": held_out[:count], "train": train[:count]}
 
 
-def study_run(model, tokenizer, cfg, count, prompts, samples, reward_fn=flowrl.pick_reward, runtime=LOCAL):
+PICK_REWARD = flowrl.reward_function(Config(task="pick"))
+
+
+def study_run(model, tokenizer, cfg, count, prompts, samples, reward_fn=PICK_REWARD, runtime=LOCAL):
     """A Run of the model on the first `count` pick questions of each split, with the pick study beside it."""
     probes = pick_probes(count)
     return flowrl.Run(cfg, runtime, model, tokenizer, reward_fn=reward_fn, held_out=probes["held_out"],
@@ -2099,7 +2184,7 @@ def test_answer_logprobs_and_ratio_spread_on_a_model_whose_ratios_are_set(tiny_m
     the LM head's logit of "3")."""
     model, tokenizer = flowrl.load_model_and_tokenizer(tiny_model_dir)
     run = flowrl.Run(tiny_config(tiny_model_dir, tmp_path, task="pick", temperature=0.8), LOCAL, model, tokenizer)
-    problems = [p for p in pick_probes(8)["train"] if "3" in p.answer.split(", ")][:2]
+    problems = [p for p in pick_probes(8)["train"] if "3" in p.answers][:2]
     reference = pick_study.answer_logprobs(model, run, problems)
     assert all(pick_study.ratio_spread(now, now) == 0.0 for now in reference)
     three = tokenizer.convert_tokens_to_ids("3")
@@ -2107,7 +2192,7 @@ def test_answer_logprobs_and_ratio_spread_on_a_model_whose_ratios_are_set(tiny_m
         -1, torch.tensor([three]), torch.full((*output.shape[:-1], 1), 2.0)))
     favoured = pick_study.answer_logprobs(model, run, problems)
     for problem, logprobs in zip(problems, favoured):
-        assert set(logprobs) == set(problem.answer.split(", "))
+        assert set(logprobs) == set(problem.answers)
         for answer, value in logprobs.items():     # a plain pass over prompt + answer + EOS, no padding, no sharing
             prompt = tokenizer(flowrl.format_prompt(tokenizer, problem.question), add_special_tokens=False).input_ids
             response = tokenizer(answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
@@ -2165,14 +2250,14 @@ def test_each_measure_says_how_many_questions_it_covers_and_its_interval(tiny_mo
 def test_rollout_coverage_counts_distinct_and_rarely_sampled_correct_answers(monkeypatch):
     """pi_ref gives "7" 5% of its probability over the correct answers 1, 3, 7: two rollouts that say 7 are rare
     and correct; "5" is wrong. Without a reference model only the distinct correct answers are counted."""
-    problems = [flowrl.Problem("q1", "1, 3, 7"), flowrl.Problem("q2", "2, 4")]
+    problems = [flowrl.Problem("q1", ("1", "3", "7")), flowrl.Problem("q2", ("2", "4"))]
     shares = [{"1": 0.5, "3": 0.45, "7": 0.05}, {"2": 0.5, "4": 0.5}]
     monkeypatch.setattr(pick_study, "answer_logprobs", lambda *args: [{a: math.log(p) - 3.0 for a, p in share.items()}
                                                                        for share in shares])
     texts = ["7", "It is 7.", "1", "5", "2", "2", "2", "9"]
     cfg = Config(task="pick", group_size=4)
     counts = {"distinct_correct": 3.0, "groups": 2.0, "sequences": 8.0}
-    run = flowrl.Run(cfg, LOCAL, None, None, reference=object())
+    run = flowrl.Run(cfg, LOCAL, None, None, ref_model=object())
     assert pick_study.rollout_coverage(run, problems, texts) == {**counts, "rare_correct": 2.0}
     assert pick_study.rollout_coverage(flowrl.Run(cfg, LOCAL, None, None), problems, texts) == counts
 
@@ -2222,7 +2307,7 @@ def test_evaluation_reports_the_ratio_spread_on_the_pick_task(tiny_model_dir, tm
     record = flowrl.evaluate(run, 0)
     assert record["held_out_ratio_spread"] == 0.0 and record["train_ratio_spread"] == 0.0   # pi_theta = pi_ref
     assert record["held_out_exact_kl_to_step0"] == 0.0 and record["train_exact_entropy"] > 0.5
-    assert set(record["histogram"]["log_ratio"]) == set(pick_probes(2)["train"][0].answer.split(", "))
+    assert set(record["histogram"]["log_ratio"]) == set(pick_probes(2)["train"][0].answers)
     with torch.no_grad():
         model.lm_head.weight.add_(0.5 * torch.randn_like(model.lm_head.weight))
     later = flowrl.evaluate(run, 5)
@@ -2233,7 +2318,7 @@ def test_evaluation_reports_the_ratio_spread_on_the_pick_task(tiny_model_dir, tm
 def evaluate_pick(tiny_model_dir, cfg, runtime=LOCAL):
     model, tokenizer = flowrl.load_model_and_tokenizer(tiny_model_dir)
     train, held_out = flowrl.load_problems(cfg)
-    run = flowrl.Run(cfg, runtime, model, tokenizer, reward_fn=flowrl.pick_reward, train_problems=train,
+    run = flowrl.Run(cfg, runtime, model, tokenizer, reward_fn=PICK_REWARD, train_problems=train,
                      held_out=held_out, study=pick_study.PickStudy(3, 6))
     record = flowrl.evaluate(run, 0)
     return {"record": record, "step0_answers": run.study.step0_answers}
@@ -2280,30 +2365,30 @@ def test_the_study_runs_under_two_processes_and_resumes(tiny_model_dir, tmp_path
              "--answer-samples", "4", "--updates-per-batch", "1"]
     torch.multiprocessing.spawn(distributed_study_worker, nprocs=2, args=(2, free_port(), flags + ["--steps", "1"]))
     state_path = os.path.join(output_dir, "checkpoint", "trainer_state.pt")
-    step0_answers = torch.load(state_path, weights_only=False)["study"]["step0_answers"]
+    step0_answers = torch.load(state_path, weights_only=True)["study"]["step0_answers"]
     torch.multiprocessing.spawn(distributed_study_worker, nprocs=2,
                                 args=(2, free_port(), ["--resume", output_dir, "--steps", "2"]))
     records = read_metrics(output_dir)
     assert [r["step"] for r in records if r["split"] == "train"] == [1, 2]
     assert all(0 <= r["distinct_correct_per_group"] <= 4 for r in records if r["split"] == "train")
     assert [r["train_sampled_questions"] for r in records if r["split"] == "eval"] == [2, 2, 2]
-    assert torch.load(state_path, weights_only=False)["study"]["step0_answers"] == step0_answers
+    assert torch.load(state_path, weights_only=True)["study"]["step0_answers"] == step0_answers
 
 
 def test_resuming_a_checkpoint_without_step0_answers_says_what_it_compares_with(tiny_model_dir, tmp_path, capsys):
     cfg = tiny_config(tiny_model_dir, tmp_path / "run", steps=1, task="pick", max_new_tokens=3, eval_size=50)
     flowrl.train(cfg, pick_study.PickStudy(2, 4))
     state_path = os.path.join(cfg.output_dir, "checkpoint", "trainer_state.pt")
-    state = torch.load(state_path, weights_only=False)
+    state = torch.load(state_path, weights_only=True)
     assert set(state["study"]["step0_answers"]["answers"]) == {"held_out", "train"}
     pick_study.main(["--resume", cfg.output_dir, "--steps", "2"])
     assert "holds no step-0 answer distribution" not in capsys.readouterr().out
-    state = torch.load(state_path, weights_only=False)
+    state = torch.load(state_path, weights_only=True)
     del state["study"]["step0_answers"]["questions"]    # as a checkpoint that scored other questions
     torch.save(state, state_path)
     pick_study.main(["--resume", cfg.output_dir, "--steps", "3"])
     assert "holds no step-0 answer distribution of these questions" in capsys.readouterr().out
-    state = torch.load(state_path, weights_only=False)
+    state = torch.load(state_path, weights_only=True)
     del state["study"]                                  # as a checkpoint of a run without the study
     torch.save(state, state_path)
     pick_study.main(["--resume", cfg.output_dir, "--steps", "4"])
@@ -2330,3 +2415,87 @@ def test_the_gpu_benchmark_runs_each_part_and_sums_them_up(tiny_model_dir):
         numbers = summary[part]
         assert numbers["M"] == tokens and numbers["step_s"] > 0 and numbers["peak_mb"] > 0, part
         assert numbers["decode_ms_per_token"] == pytest.approx(1000 * numbers["generation_s"] / tokens)
+
+
+def test_the_docstring_and_the_readme_name_the_same_departures():
+    """One list of where flowrl.py stands against the paper and the official code: the README's table, and the
+    module docstring's lines, point for point, in the same order."""
+    readme = open(os.path.join(os.path.dirname(flowrl.__file__), "README.md")).read()
+    table = readme.split("## Differences from the paper and the official code")[1]
+    readme_points = [line.split("|")[1].strip() for line in table.splitlines()
+                     if line.startswith("| ") and not line.startswith("| point ")]
+    docstring = flowrl.__doc__.split("has the same points as a table:")[1].split("\n\n")[0]
+    docstring_points = [line[2:].split(":")[0] for line in docstring.strip().splitlines() if line.startswith("- ")]
+    assert len(readme_points) >= 10 and docstring_points == readme_points
+
+
+@pytest.mark.parametrize("lr", [0.0, 1e-2])
+def test_an_unchanged_policy_weighs_its_rollouts_exactly_1_in_bf16(tiny_model_dir, tmp_path, monkeypatch, lr):
+    """bf16 autocast, gradient checkpointing, 64-token responses, four updates a batch: at lr 0 every sequence's
+    importance weight is exactly 1 (pi_old's log-probs come from the arithmetic the update uses, not from another
+    pass whose rounding adds up over the response); with a learning rate, the first mini-batch's are (pi_old is the
+    policy it updates), and the later ones' have moved."""
+    monkeypatch.setattr(flowrl, "eos_token_ids", lambda model, tokenizer: [10**6])    # nothing ends a response
+    monkeypatch.setattr(flowrl, "reward_function", lambda cfg: lambda completion, problem: float(len(set(completion)) % 2))
+    cfg = tiny_config(tiny_model_dir, tmp_path / "run", steps=1, prompts_per_step=4, group_size=4, updates_per_batch=4,
+                      micro_batch_size=4, max_new_tokens=64, precision="bf16", gradient_checkpointing=True, lr=lr,
+                      log_z_lr=lr, eval_size=2, eval_samples=1, pass_k=1, max_operand=9, log_rollouts=True)
+    flowrl.train(cfg)
+    with open(os.path.join(cfg.output_dir, "rollouts.jsonl")) as f:
+        weights = torch.tensor([json.loads(line)["importance_weight"] for line in f]).view(4, 4)   # [groups, G]
+    record = [r for r in read_metrics(cfg.output_dir) if r["split"] == "train"][0]
+    assert record["response_length_mean"] == 64 and record["updates"] == 4
+    exactly_1 = (weights == 1.0).all(-1)
+    if lr == 0:
+        assert exactly_1.all() and record["weight_clipped_frac"] == 0
+    else:
+        assert exactly_1.sum() == 1 and (weights[~exactly_1] != 1.0).all()
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A tmpfs of 1 MiB mounted at tmp_path / "small" (root, or a system that lets the test mount; else skipped);
+    a function that resizes it is yielded with its path."""
+    import subprocess
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
+                             capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+
+    def resize(size_bytes):
+        subprocess.run(["mount", "-o", f"remount,size={size_bytes}", str(mount_point)], check=True)
+    try:
+        yield mount_point, resize
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)])
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_the_last_checkpoint_resumes(tiny_model_dir, tmp_path, capsys,
+                                                                                small_filesystem):
+    """A real filesystem with room for one checkpoint but not for a second beside it: the step-2 save fails with one
+    line that says the disk is full and names the step-1 checkpoint, intact; with room again, --resume continues
+    from it and metrics.jsonl reads as one run."""
+    mount_point, resize = small_filesystem
+    probe = tiny_config(tiny_model_dir, tmp_path / "probe", steps=1)
+    flowrl.train(probe)
+    checkpoint_size = sum(f.stat().st_size for f in pathlib.Path(probe.output_dir, "checkpoint").iterdir())
+    resize(int(checkpoint_size * 1.6))
+    run = str(mount_point / "run")
+    with pytest.raises(SystemExit) as exit_info:
+        flowrl.main(["--model", tiny_model_dir, "--output-dir", run, "--steps", "3", "--save-every", "1",
+                     "--prompts-per-step", "2", "--group-size", "4", "--max-new-tokens", "6", "--micro-batch-size", "3",
+                     "--operations", "+", "--max-operand", "3", "--eval-size", "4", "--eval-samples", "2",
+                     "--pass-k", "2", "--show-examples", "0", "--lr", "1e-3"])
+    message = str(exit_info.value.code)
+    checkpoint = os.path.join(run, "checkpoint")
+    assert message.startswith("error: could not write the step-2 checkpoint (the disk is full: the checkpoint needs")
+    assert f"{checkpoint} is intact" in message and "\n" not in message
+    assert sorted(os.listdir(run)) == ["checkpoint", "config.json", "metrics.jsonl"]
+    assert torch.load(os.path.join(checkpoint, "trainer_state.pt"), weights_only=True)["step"] == 1
+    resize(checkpoint_size * 4)
+    flowrl.main(["--resume", run])
+    records = read_metrics(run)
+    assert [(r["split"], r["step"]) for r in records] == [("eval", 0), ("train", 1), ("train", 2), ("train", 3),
+                                                           ("eval", 3)]

@@ -23,7 +23,8 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.getcwd())
-import flowrl  # noqa: E402  (before torch: flowrl sets the OpenMP spin count that torch reads when it loads)
+os.environ.setdefault("GOMP_SPINCOUNT", "1000")   # flowrl.py's OpenMP setting for a run, read when torch loads
+import flowrl  # noqa: E402  (the model loader and the run)
 from workload import addition_questions, arguments  # noqa: E402  (bench/, beside this script)
 
 

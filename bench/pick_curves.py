@@ -52,6 +52,7 @@ def log_ratio_diagnostics(folder: str, beta: float, group_size: int) -> dict:
     for step, pairs in by_step.items():
         log_ratio, beta_reward_hat = np.array(pairs).reshape(-1, group_size, 2).transpose(2, 0, 1)  # [groups, G]
         within = log_ratio - log_ratio.mean(1, keepdims=True)
+        beta_reward_hat = beta_reward_hat - beta_reward_hat.mean(1, keepdims=True)   # 0 already unless r_hat is r
         spread = (beta_reward_hat ** 2).sum()
         result[step] = (float(np.sqrt((within ** 2).mean())),
                         float((within * beta_reward_hat).sum() / spread) if spread else None)
@@ -66,8 +67,8 @@ def setting_of(config: dict) -> str:
         parts = [f"FlowRL beta {config['beta']:g}"]
         if not config.get("length_normalize", True):
             parts.append("no 1/|y|")
-        if not config.get("std_normalize", True):
-            parts.append("no std")
+        normalization = config.get("reward_normalization", "std" if config.get("std_normalize", True) else "mean")
+        parts += {"std": [], "mean": ["no std"], "none": ["reward itself"]}[normalization]
         if config.get("log_z", "head") != "head":
             parts.append(f"log Z {config['log_z']}")
     if config.get("skip_equal_groups"):

@@ -22,7 +22,7 @@ After every training step, what FlowRL's loss did (`loss_metrics`: the residual 
 and what only the policy can remove, and the slope of Eq. 6's log-ratio on beta r_hat, 0 before the policy moves
 towards the target, 1 at it); on the pick task `distinct_correct_per_group`, and `rare_correct_frac`, the rollouts
 whose answer is correct and holds under RARE_SHARE of pi_ref's probability over the question's correct answers.
-The step-0 answers (the reference of the KL and the ratio spread) are kept in the checkpoint.
+The step-0 answers (what the KL and the ratio spread compare with) are kept in the checkpoint.
 """
 from __future__ import annotations
 
@@ -34,7 +34,9 @@ import sys
 from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import flowrl  # noqa: E402  (before torch: flowrl sets the OpenMP spin count that torch reads when it loads)
+if __name__ == "__main__":     # before torch loads (flowrl imports it): flowrl.py's OpenMP spin count for a run
+    os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+import flowrl  # noqa: E402
 from flowrl import Problem, Run  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -122,11 +124,11 @@ def with_intervals(per_question: dict[str, list], prefix: str) -> dict:
     return metrics
 
 
-def distribution_metrics(counted: list[dict], reference: list[dict], prefix: str) -> dict:
+def distribution_metrics(counted: list[dict], step0_counted: list[dict], prefix: str) -> dict:
     """The sampled measures, means over questions with their 95% intervals: validity, distinct correct answers,
-    entropy of the correct-answer distribution, and its smoothed KL to the step-0 model's (`reference`; questions
-    where either has no correct answer skipped: `kl_prompts` counts the others)."""
-    kls = [smoothed_kl(now["correct"], then["correct"]) for now, then in zip(counted, reference)]
+    entropy of the correct-answer distribution, and its smoothed KL to the step-0 model's (questions where either
+    has no correct answer skipped: `kl_prompts` counts the others)."""
+    kls = [smoothed_kl(now["correct"], then["correct"]) for now, then in zip(counted, step0_counted)]
     kls = [kl for kl in kls if kl is not None]
     n = sum(counted[0]["answers"].values())
     return {**with_intervals({"validity": [sum(c["correct"].values()) / n for c in counted],
@@ -175,7 +177,7 @@ def answer_logprobs(model, run: Run, problems: list[Problem]) -> list[dict]:
     length and reward the same ratio pi_theta / pi_ref: their log-ratios spread as the policy leaves pi_ref's
     preferences."""
     tokenizer, device = run.tokenizer, next(model.parameters()).device
-    answers = [problem.answer.split(", ") for problem in problems]
+    answers = [list(problem.answers) for problem in problems]
     width = max(map(len, answers))                                                            # rows per question
     prompts = tokenizer([flowrl.format_prompt(tokenizer, problem.question) for problem in problems],
                         return_tensors="pt", padding=True, add_special_tokens=False).to(device)   # [P, L]
@@ -191,8 +193,8 @@ def answer_logprobs(model, run: Run, problems: list[Problem]) -> list[dict]:
         attention_mask=torch.cat([prompts.attention_mask.repeat_interleave(width, dim=0), completion_mask], 1),
         prompt_length=prompts.input_ids.shape[1], completion_mask=completion_mask,
         truncated=torch.zeros(len(responses), dtype=torch.bool), texts=[""] * len(responses))
-    token_logprobs = flowrl.batched_token_logprobs(model, rollouts, run.cfg.temperature,
-                                                   run.cfg.micro_batch_size * width, run.runtime, width)
+    passes = flowrl.forward_passes(torch.arange(len(problems)), width, run.cfg.micro_batch_size * width)
+    token_logprobs = flowrl.batched_token_logprobs(model, rollouts, run.cfg.temperature, passes, run.runtime)
     sequence = (token_logprobs * rollouts.completion_mask).sum(-1).view(len(problems), width).tolist()
     return [dict(zip(listed, row)) for listed, row in zip(answers, sequence)]     # zip drops the padding
 
@@ -201,11 +203,11 @@ def rollout_coverage(run: Run, problems: list[Problem], texts: list[str]) -> dic
     """Which correct answers a step's rollouts reached (pick task), summed over this process's groups: the distinct
     correct final answers of each group, and `rare_correct`, the rollouts whose answer is correct and holds under
     RARE_SHARE of pi_ref's probability over the question's correct answers (the bare answers scored exactly by
-    answer_logprobs; not counted without a reference model): what exploration should add."""
+    answer_logprobs; not counted without pi_ref): what exploration should add."""
     G, distinct, rare = run.cfg.group_size, 0, 0
-    ref_logprobs = answer_logprobs(run.reference, run, problems) if run.reference is not None else None
+    ref_logprobs = answer_logprobs(run.ref_model, run, problems) if run.ref_model is not None else None
     for g in range(len(problems)):
-        correct = set(problems[g].answer.split(", "))      # the answers pick_reward and answer_logprobs take
+        correct = set(problems[g].answers)                # the answers pick_reward and answer_logprobs take
         answers = [answer for answer in map(flowrl.final_answer, texts[g * G:(g + 1) * G]) if answer in correct]
         distinct += len(set(answers))
         if ref_logprobs is not None:
@@ -213,7 +215,7 @@ def rollout_coverage(run: Run, problems: list[Problem], texts: list[str]) -> dic
                              .softmax(0).tolist()))
             rare += sum(share[answer] < RARE_SHARE for answer in answers)
     return {"distinct_correct": float(distinct), "groups": float(len(problems)), "sequences": float(len(texts)),
-            **({"rare_correct": float(rare)} if run.reference is not None else {})}
+            **({"rare_correct": float(rare)} if run.ref_model is not None else {})}
 
 
 def loss_diagnostics(rewards: torch.Tensor, residual: torch.Tensor, log_z: torch.Tensor, reward_hat: torch.Tensor,
@@ -242,7 +244,8 @@ def loss_diagnostics(rewards: torch.Tensor, residual: torch.Tensor, log_z: torch
     beta_reward_hat = beta * reward_hat.view(-1, group_size)[in_loss]
     group_mean = residual.mean(-1, keepdim=True)                                          # [groups in loss, 1]
     log_ratio = residual - log_z + beta_reward_hat               # as residual = log Z + log-ratio - beta r_hat
-    log_ratio_within = log_ratio - log_ratio.mean(-1, keepdim=True)    # r_hat already has group mean 0 (Eq. 5)
+    log_ratio_within = log_ratio - log_ratio.mean(-1, keepdim=True)
+    beta_reward_hat = beta_reward_hat - beta_reward_hat.mean(-1, keepdim=True)    # 0 already unless r_hat is r
     diagnostics.update({
         "groups_in_loss": in_loss.sum().item(),
         "residual_group_mean_sq": group_mean.pow(2).sum().item(),
@@ -255,11 +258,11 @@ def loss_diagnostics(rewards: torch.Tensor, residual: torch.Tensor, log_z: torch
     return diagnostics
 
 
-def loss_metrics(run: Run, batch: flowrl.Batch, update: flowrl.Update) -> dict:
+def loss_metrics(run: Run, batch: flowrl.Batch, update_log: flowrl.UpdateLog) -> dict:
     """loss_diagnostics summed over processes, as the means and root-mean-squares the study logs: the residual
     split (`residual_group_mean_rms`, `residual_within_rms` beside `beta_reward_hat_rms`), `log_ratio_within_rms`,
     `log_ratio_slope` and `log_z_target_mean`."""
-    per_sequence = {name: values.cpu() for name, values in update.per_sequence.items()}
+    per_sequence = {name: values.cpu() for name, values in update_log.per_sequence.items()}
     totals = run.runtime.sum(loss_diagnostics(batch.rewards.cpu(), per_sequence["residual"], per_sequence["log_z"],
                                               batch.reward_hat.cpu(), run.cfg.beta, run.cfg.group_size))
     groups = totals.get("groups_in_loss", 0.0)
@@ -309,19 +312,19 @@ class PickStudy(flowrl.Study):
             count = max(count, len(run.held_out))
         return {"held_out": run.held_out[:count], "train": run.train_problems[:count]}
 
-    def step_metrics(self, run: Run, batch: flowrl.Batch, update: flowrl.Update) -> dict:
-        metrics = loss_metrics(run, batch, update) if run.cfg.algo == "flowrl" else {}
+    def step_metrics(self, run: Run, batch: flowrl.Batch, update_log: flowrl.UpdateLog) -> dict:
+        metrics = loss_metrics(run, batch, update_log) if run.cfg.algo == "flowrl" else {}
         if exact(run):
             totals = run.runtime.sum(rollout_coverage(run, batch.problems, batch.rollouts.texts))
             metrics.update(distinct_correct_per_group=totals["distinct_correct"] / totals["groups"],
                            rare_correct_frac=(totals["rare_correct"] / totals["sequences"]
-                                              if run.reference is not None else None))
+                                              if run.ref_model is not None else None))
         return metrics
 
     def evaluation_metrics(self, run: Run, step: int) -> dict:
         """On each list of probe questions: the sampled measures on the first --answer-prompts against the step-0
         answers, and on the pick task the exact ones on all. Every draw has its own seed: step 0's (run seed, 0,
-        "reference/...", question), this step's (run seed, step, "answers/...", question). The first evaluation
+        "step0/...", question), this step's (run seed, step, "answers/...", question). The first evaluation
         draws step 0's too; its own sample, a second draw of one model, is the KL's noise floor."""
         sampled, samples = self.settings()
         probes = self.probes(run)
@@ -342,7 +345,7 @@ class PickStudy(flowrl.Study):
 
         if self.step0_answers is None:
             self.step0_answers = {
-                "answers": {name: answers_of(p, (run.cfg.seed, 0, f"reference/{name}")) for name, p in probes.items()},
+                "answers": {name: answers_of(p, (run.cfg.seed, 0, f"step0/{name}")) for name, p in probes.items()},
                 "logprobs": {name: logprobs_of(p) for name, p in probes.items()},
                 "questions": question_lists(probes)}
         metrics = {}

@@ -28,7 +28,8 @@ import tempfile
 import time
 
 sys.path.insert(0, os.getcwd())
-import flowrl  # noqa: E402  (the model loader; imported before torch for the same OpenMP setting as flowrl.py)
+os.environ.setdefault("GOMP_SPINCOUNT", "1000")   # flowrl.py's OpenMP setting for a run, read when torch loads
+import flowrl  # noqa: E402  (the model loader and the run)
 from workload import addition_questions, arguments  # noqa: E402  (bench/, beside this script)
 
 
