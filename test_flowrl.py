@@ -2499,3 +2499,149 @@ def test_a_full_disk_during_a_save_is_one_line_and_the_last_checkpoint_resumes(t
     records = read_metrics(run)
     assert [(r["split"], r["step"]) for r in records] == [("eval", 0), ("train", 1), ("train", 2), ("train", 3),
                                                            ("eval", 3)]
+
+
+# ------------------------------------------------------------------------------------------------------
+# examples/trl_flowrl.py: FlowRL in TRL's GRPOTrainer (skipped where trl is not installed)
+# ------------------------------------------------------------------------------------------------------
+def trl_flowrl():
+    pytest.importorskip("trl")
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "examples"))
+    import trl_flowrl as module
+    return module
+
+
+def parity_reward(completions, **kwargs):
+    """1 for a completion whose characters' codes sum to an odd number: a random tiny model earns it about half the
+    time, so groups are mixed."""
+    return [float(sum(map(ord, c)) % 2) for c in completions]
+
+
+def flowrl_trainer(example, model_dir, output_dir, **overrides):
+    """A FlowRLTrainer on the tiny model: 2 prompts x 4 completions a generation, fp32 on the CPU."""
+    from datasets import Dataset
+    settings = dict(output_dir=str(output_dir), per_device_train_batch_size=8, num_generations=4,
+                    max_completion_length=6, learning_rate=1e-2, log_z_lr=1e-2, beta=2.0, use_cpu=True,
+                    gradient_checkpointing=False, report_to="none", save_strategy="no", logging_steps=1,
+                    lr_scheduler_type="constant", model_init_kwargs={"dtype": "float32"}, bf16=False,
+                    disable_tqdm=True)
+    settings.update(overrides)
+    tokenizer = flowrl.load_model_and_tokenizer(model_dir)[1]
+    dataset = Dataset.from_list([{"prompt": f"What is {a} + 1?"} for a in range(8)])
+    return example.FlowRLTrainer(model=model_dir, reward_funcs=parity_reward, args=example.FlowRLConfig(**settings),
+                                 train_dataset=dataset, processing_class=tokenizer)
+
+
+def independent_flowrl_loss(policy, head, rollouts, ref_model, old_model, rewards, beta):
+    """Eq. 6 on a batch from a plain forward pass of each model: log_softmax of the logits at the response positions,
+    log Z from the head on the mean last-layer prompt state, r_hat from the raw rewards (Eq. 5)."""
+    prompt_ids, prompt_mask, completion_ids, completion_mask = rollouts
+
+    def logprobs_of(model):
+        input_ids = torch.cat([prompt_ids, completion_ids], 1)
+        mask = torch.cat([prompt_mask, completion_mask], 1)
+        out = model(input_ids=input_ids, attention_mask=mask, position_ids=flowrl.position_ids_from_mask(mask),
+                    output_hidden_states=True)
+        logits = out.logits[:, prompt_ids.shape[1] - 1:-1]
+        return logits.log_softmax(-1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1), out.hidden_states[-1]
+    logprobs, hidden = logprobs_of(policy)
+    with torch.no_grad():
+        ref_logprobs, old_logprobs = logprobs_of(ref_model)[0], logprobs_of(old_model)[0]
+    log_z = head(hidden[:, :prompt_ids.shape[1]], prompt_mask)
+    return flowrl_loss(logprobs, ref_logprobs=ref_logprobs, old_logprobs=old_logprobs, log_z=log_z,
+                       reward_hat=group_normalize(rewards, 4), completion_mask=completion_mask, beta=beta)
+
+
+@pytest.mark.parametrize("updates_per_generation", [1, 2])
+def test_the_trl_trainers_loss_and_gradients_are_flowrl_loss_on_independent_log_probs(tiny_model_dir, tmp_path,
+                                                                                     updates_per_generation):
+    """One generation of 2 prompts x 4, scored by FlowRLTrainer and by a plain forward pass of each model with
+    flowrl_loss: the same loss to 1e-6 and the same gradients (policy and head) to 1e-5 of each tensor's norm
+    (TRL's fused LM head sums in another order), in fp32. With two updates a
+    generation the second is taken after an update, so w != 1, against pi_old as it was before the first."""
+    example = trl_flowrl()
+    trainer = flowrl_trainer(example, tiny_model_dir, tmp_path, steps_per_generation=updates_per_generation,
+                             per_device_train_batch_size=8 // updates_per_generation)
+    model, head = trainer.model, trainer.log_z_head
+    trainer.current_gradient_accumulation_steps = 1       # as train() sets it
+    model.train()
+    head.eval()                                          # no dropout: the two computations draw no masks
+    torch.manual_seed(0)
+    generation = trainer._generate_and_score_completions([{"prompt": f"What is {a} + 1?"} for a in (1, 2)
+                                                          for _ in range(4)])
+    old_model = flowrl.load_model_and_tokenizer(tiny_model_dir)[0]   # pi_old; a deepcopy would run the policy:
+    # TRL patches model.forward with a closure over the original module
+    old_model.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("log_z_head.")})
+    texts = trainer.processing_class.batch_decode(generation["completion_ids"], skip_special_tokens=True)
+    rewards = torch.tensor(parity_reward(texts))
+    rows = slice(None)
+    if updates_per_generation == 2:             # the first mini-batch's update, then the second's loss
+        first = {k: v[:4] if torch.is_tensor(v) and v.dim() else v for k, v in generation.items()}
+        trainer.create_optimizer()
+        trainer.compute_loss(model, first).backward()
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad()
+        rows = slice(4, 8)
+    inputs = {k: v[rows] if torch.is_tensor(v) and v.dim() else v for k, v in generation.items()}
+    loss = trainer.compute_loss(model, inputs)
+    loss.backward()
+    trainer_gradients = [p.grad.clone() for p in list(model.parameters())]
+    model.zero_grad()
+    batch = tuple(generation[k][rows] for k in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask"))
+    expected, stats = independent_flowrl_loss(model, head, batch, trainer.ref_model, old_model, rewards[rows], beta=2.0)
+    assert trainer._metrics["train"]["weight_mean"][-1] == pytest.approx(stats["weight_mean"].item(), abs=1e-6)
+    assert (stats["weight"] != 1.0).any() == (updates_per_generation == 2)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6, abs=1e-6)
+    expected.backward()
+    for (name, param), gradient in zip(model.named_parameters(), trainer_gradients):   # summed in other orders
+        assert (gradient - param.grad).norm() <= 1e-5 * param.grad.norm(), name
+    assert any(name.startswith("log_z_head.") for name, _ in model.named_parameters())
+
+
+def test_the_trl_trainer_samples_from_softmax_over_temperature_whatever_the_generation_config(tiny_model_dir,
+                                                                                             tmp_path, monkeypatch):
+    """A model whose generation_config sets top-k, top-p and a repetition penalty: generate() in FlowRLTrainer's
+    rollouts applies none of them (only the temperature), and a FlowRLConfig that asks for one is refused."""
+    from transformers import GenerationConfig
+    from transformers.generation.utils import GenerationMixin
+    example = trl_flowrl()
+    model_dir = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    GenerationConfig(top_k=5, top_p=0.5, repetition_penalty=2.0, do_sample=True, eos_token_id=2,
+                     pad_token_id=2).save_pretrained(model_dir)
+    processors, real = [], GenerationMixin._get_logits_processor
+
+    def keep_processors(self, *args, **kwargs):
+        processors.append(real(self, *args, **kwargs))
+        return processors[-1]
+    monkeypatch.setattr(GenerationMixin, "_get_logits_processor", keep_processors)
+    for temperature in (1.0, 0.7):
+        trainer = flowrl_trainer(example, str(model_dir), tmp_path / f"out{temperature}", temperature=temperature)
+        assert trainer.model.generation_config.top_k == 5            # the model's own config, left as it was
+        trainer.model.train()
+        trainer._generate_and_score_completions([{"prompt": "What is 1 + 1?"}] * 4)
+        names = [type(processor).__name__ for processor in processors[-1]]
+        assert names == ([] if temperature == 1.0 else ["TemperatureLogitsWarper"]), names
+    for setting in ({"top_k": 5}, {"top_p": 0.9}, {"repetition_penalty": 1.1}, {"min_p": 0.1},
+                    {"generation_kwargs": {"top_k": 5}}):
+        with pytest.raises(ValueError, match="softmax"):
+            example.FlowRLConfig(output_dir=str(tmp_path), use_cpu=True, **setting)
+
+
+def test_the_trl_example_trains_the_head_saves_it_and_a_resume_continues_with_it(tiny_model_dir, tmp_path):
+    """examples/trl_flowrl.py for 2 steps, offline: the head's weights change at each step and are in every
+    checkpoint; a resume to step 3 ends with the weights of a straight 3-step run, head included (a resume with a
+    new head or without the head's optimiser state would not)."""
+    example = trl_flowrl()
+    from safetensors.torch import load_file
+    flags = ["--model", tiny_model_dir, "--max-new-tokens", "6", "--prompts-per-step", "2", "--group-size", "4",
+             "--precision", "fp32"]
+    straight = example.main([*flags, "--output-dir", str(tmp_path / "straight"), "--max-steps", "3"])
+    example.main([*flags, "--output-dir", str(tmp_path / "resumed"), "--max-steps", "2"])
+    heads = [{k: v for k, v in load_file(str(tmp_path / "resumed" / f"checkpoint-{step}" / "model.safetensors"))
+              .items() if k.startswith("log_z_head.")} for step in (1, 2)]
+    assert len(heads[0]) == 10 and all(not torch.equal(heads[0][k], heads[1][k]) for k in heads[0])
+    resumed = example.main([*flags, "--output-dir", str(tmp_path / "resumed"), "--max-steps", "3"])
+    assert resumed.state.global_step == 3 and resumed.log_z_head.training
+    for (name, a), (_, b) in zip(straight.model.named_parameters(), resumed.model.named_parameters()):
+        assert torch.equal(a, b), name
+    assert "log_z_head.mlp.8.weight" in load_file(str(tmp_path / "resumed" / "model.safetensors"))
