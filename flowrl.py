@@ -30,7 +30,7 @@ workers/actor/dp_actor.py, `DataParallelPPOActor.compute_flowrl_objective`), one
 - token log-probs: from logits / temperature, as the official code.
 - KL to pi_ref: only through Eq. 6, as both (the official code's KL loss is commented out).
 - scale: defaults sized for a 135M model on a CPU, not 7B or 32B; no warm-up by default (`--warmup-steps`).
-- mini-batches: `--updates-per-batch` of whole groups a rollout batch (the paper: 16 of 32 prompts).
+- mini-batches: `--updates-per-batch` of whole groups a rollout batch (the paper: 16 of 32 prompts each).
 - rollouts: this file's own decode loop, exactly softmax(logits / T): no vLLM, no generation config.
 - precision: bf16 autocast with fp32 weights (pi_ref held in bf16) where the hardware has bf16, fp32 elsewhere.
 - kernels: PyTorch's own ops; transformers' hub kernels off, so nothing is fetched and every model runs the same.
@@ -90,7 +90,6 @@ from tqdm import tqdm
 
 try:  # optional: symbolic answers (LaTeX, expressions) checked with sympy, `pip install math-verify`
     import math_verify
-    logging.getLogger("math_verify").setLevel(logging.ERROR)   # its own time limit is off: symbols_equal sets one
 except ImportError:
     math_verify = None
 
@@ -139,6 +138,9 @@ def flowrl_loss(logprobs: torch.Tensor, *, ref_logprobs: torch.Tensor, old_logpr
     ...             completion_mask=torch.ones(1, 2))[0]
     tensor(1.)
     """
+    if log_z.shape != logprobs.shape[:1] or reward_hat.shape != logprobs.shape[:1]:    # [B, 1] would broadcast
+        raise ValueError(f"log_z {tuple(log_z.shape)} and reward_hat {tuple(reward_hat.shape)} must be [B] = "
+                         f"{tuple(logprobs.shape[:1])}")
     padding = ~completion_mask.bool()                  # masked_fill, not a product: -inf or NaN there stays out
     length = completion_mask.sum(-1).clamp(min=1).to(logprobs.dtype)     # |y|                 [B]
     seq_logprob = logprobs.masked_fill(padding, 0.0).sum(-1)             # log pi_theta(y|x)   [B]
@@ -220,7 +222,8 @@ def grpo_loss(logprobs: torch.Tensor, *, ref_logprobs: torch.Tensor, old_logprob
     logprobs, ref_logprobs, old_logprobs, completion_mask: [B, T], all but logprobs by keyword, as flowrl_loss;
     advantages [B] (Eq. 5).
     >>> t = torch.zeros(1, 3)
-    >>> grpo_loss(t, ref_logprobs=t, old_logprobs=t, advantages=torch.tensor([2.0]), completion_mask=torch.ones(1, 3))[0]
+    >>> grpo_loss(t, ref_logprobs=t, old_logprobs=t, advantages=torch.tensor([2.0]),
+    ...           completion_mask=torch.ones(1, 3))[0]
     tensor(-2.)
     """
     padding = ~completion_mask.bool()                    # masked_fill the inputs: -inf or NaN there stays out
@@ -426,14 +429,14 @@ def within_time_limit(seconds: float, function: Callable):
         signal.signal(signal.SIGALRM, previous)
 
 
-def math_reward(completion: str, answer: str) -> float:
+def math_reward(completion: str, reference: str) -> float:
     r"""1.0 if the completion's final answer equals the reference, a bare answer ("0.5", "\frac{\sqrt{3}}{2}") or
     a full solution ("... #### 42", or with a \boxed{} answer); else 0.0. Checked by math-verify when it is
     installed (symbols_equal), else by value (numbers_equal): "\boxed{\frac{1}{2}}" and "0.5", "$1,000" and "1000"."""
     predicted = extract_answer(completion)
     if predicted is None:
         return 0.0
-    reference = marked_answer(answer) or answer.strip()
+    reference = marked_answer(reference) or reference.strip()
     equal = symbols_equal if math_verify is not None else numbers_equal
     return float(equal(predicted, reference))
 
@@ -441,12 +444,12 @@ def math_reward(completion: str, answer: str) -> float:
 def final_answer(completion: str) -> Optional[str]:
     """The final answer in a canonical form, so that equal answers count as one: a number as its value ("7.0" and
     "$7" -> "7"), anything else as written; None when there is none."""
-    answer = extract_answer(completion)
-    if answer is None:
+    predicted = extract_answer(completion)
+    if predicted is None:
         return None
-    value = parse_number(answer)
+    value = parse_number(predicted)
     if value is None or not math.isfinite(value):
-        return answer.strip()
+        return predicted.strip()
     return str(int(value)) if value == int(value) else repr(value)
 
 
@@ -774,7 +777,7 @@ class Batch:
     problems: list[Problem]
     rollouts: Rollouts
     rewards: torch.Tensor                        # r(x, y)               [B]
-    reward_hat: torch.Tensor                     # r_hat, Eq. 5          [B] (or r - mean(r), or r: --reward-normalization)
+    reward_hat: torch.Tensor                     # r_hat, Eq. 5          [B] (--reward-normalization: or r - mean, r)
     trained_groups: torch.Tensor                 # the groups in the loss: all, or (--skip-equal-groups) some
     ref_logprobs: Optional[torch.Tensor] = None  # log pi_ref per token  [B, T]; None for GRPO without a KL term
 
@@ -847,12 +850,12 @@ def policy_update(run: Run, batch: Batch) -> UpdateLog:
         if later_passes else None                                                                     # [B, T]
     log = UpdateLog.for_batch(batch)
     for index, passes in enumerate(minibatches):
-        minibatch_rows = run.runtime.sum({"rows": sum(len(rows) for rows, _ in passes)})["rows"]   # all processes
-        if not minibatch_rows:
+        minibatch_size = run.runtime.sum({"rows": sum(len(rows) for rows, _ in passes)})["rows"]   # all processes
+        if not minibatch_size:
             continue
         for rows, rows_per_pass in passes:
             loss, stats = micro_batch_loss(run, batch, rows, rows_per_pass, old_logprobs if index else None)
-            (loss * len(rows) / minibatch_rows).backward()    # the passes' weighted means add up to the mini-batch's
+            (loss * len(rows) / minibatch_size).backward()    # the passes' weighted means add up to the mini-batch's
             log.add_pass(rows, loss, stats)
         log.add_update(optimizer_step(run, finite=log.minibatch_finite()))
     return log
@@ -868,19 +871,19 @@ def micro_batch_loss(run: Run, batch: Batch, rows: torch.Tensor, rows_per_pass: 
         logprobs, log_z = token_logprobs_and_log_z(
             run.policy, rollouts.input_ids[rows], rollouts.attention_mask[rows], rollouts.prompt_length,
             cfg.temperature, run.log_z_head, rows_per_pass)                                    # [b, T], [b] or None
-    pi_old = old_logprobs[rows] if old_logprobs is not None else logprobs.detach()
-    pi_ref = batch.ref_logprobs[rows] if batch.ref_logprobs is not None else logprobs.detach()
+    pass_old_logprobs = old_logprobs[rows] if old_logprobs is not None else logprobs.detach()             # [b, T]
+    pass_ref_logprobs = batch.ref_logprobs[rows] if batch.ref_logprobs is not None else logprobs.detach()  # [b, T]
     mask, reward_hat = rollouts.completion_mask[rows], batch.reward_hat[rows]
     if cfg.algo == "grpo":
-        return grpo_loss(logprobs, ref_logprobs=pi_ref, old_logprobs=pi_old, advantages=reward_hat,
-                         completion_mask=mask, clip_eps=cfg.clip_eps, kl_coef=cfg.kl_coef)
+        return grpo_loss(logprobs, ref_logprobs=pass_ref_logprobs, old_logprobs=pass_old_logprobs,
+                         advantages=reward_hat, completion_mask=mask, clip_eps=cfg.clip_eps, kl_coef=cfg.kl_coef)
     if cfg.log_z == "group":
-        log_z = group_log_z(logprobs, ref_logprobs=pi_ref, reward_hat=reward_hat, completion_mask=mask,
+        log_z = group_log_z(logprobs, ref_logprobs=pass_ref_logprobs, reward_hat=reward_hat, completion_mask=mask,
                             group_size=cfg.group_size, beta=cfg.beta, length_normalize=cfg.length_normalize)
     elif cfg.log_z == "none":
         log_z = torch.zeros(len(rows), device=reward_hat.device)
-    return flowrl_loss(logprobs, ref_logprobs=pi_ref, old_logprobs=pi_old, log_z=log_z, reward_hat=reward_hat,
-                       completion_mask=mask, beta=cfg.beta, clip_eps=cfg.clip_eps,
+    return flowrl_loss(logprobs, ref_logprobs=pass_ref_logprobs, old_logprobs=pass_old_logprobs, log_z=log_z,
+                       reward_hat=reward_hat, completion_mask=mask, beta=cfg.beta, clip_eps=cfg.clip_eps,
                        length_normalize=cfg.length_normalize)
 
 
@@ -928,7 +931,7 @@ class UpdateLog:
     grad_norm_sums: dict[str, float]
     per_sequence: dict[str, torch.Tensor]
     pending: dict[str, torch.Tensor] = field(default_factory=dict)   # the mini-batch's sums, on the device
-    pending_rows: int = 0
+    pending_sequences: int = 0
     pending_values: dict[str, float] = field(default_factory=dict)   # the same, read
 
     @staticmethod
@@ -945,7 +948,7 @@ class UpdateLog:
         for name, value in [("loss", loss.detach()), *stats.items()]:
             if value.dim() == 0:
                 self.pending[name] = self.pending.get(name, 0.0) + value.float() * len(rows)
-        self.pending_rows += len(rows)
+        self.pending_sequences += len(rows)
 
     def minibatch_finite(self) -> bool:
         """Whether the mini-batch's loss is finite on this process: its sums read from the device, once."""
@@ -958,12 +961,12 @@ class UpdateLog:
         if norms is None:
             self.skipped_updates += 1
         else:
-            self.updates, self.sequences = self.updates + 1, self.sequences + self.pending_rows
+            self.updates, self.sequences = self.updates + 1, self.sequences + self.pending_sequences
             for name, value in self.pending_values.items():
                 self.loss_sums[name] += value
             for name, value in norms.items():
                 self.grad_norm_sums[name] += value
-        self.pending, self.pending_rows, self.pending_values = {}, 0, {}
+        self.pending, self.pending_sequences, self.pending_values = {}, 0, {}
 
 
 def rollout_records(batch: Batch, update_log: UpdateLog, group_size: int) -> list[dict]:
@@ -1084,8 +1087,8 @@ def run_step(run: Run, step: int) -> dict:
     cfg, runtime = run.cfg, run.runtime
     # Learning rates (linear warm-up) and weight decay from the flags: a resumed run takes the ones it is given, not
     # the values saved in the optimiser state (whose moments it keeps).
-    for group, lr in zip(run.optimizer.param_groups, (cfg.lr, cfg.log_z_lr)):
-        group.update(lr=lr * min(1.0, step / max(1, cfg.warmup_steps)), weight_decay=cfg.weight_decay)
+    for param_group, lr in zip(run.optimizer.param_groups, (cfg.lr, cfg.log_z_lr)):
+        param_group.update(lr=lr * min(1.0, step / max(1, cfg.warmup_steps)), weight_decay=cfg.weight_decay)
     # This step's rollouts, log Z dropout and mini-batch order: a resumed run replays them exactly.
     torch.manual_seed(derived_seed(cfg.seed, step, "step", runtime.rank))
     problems = run.data_rng.sample(run.train_problems, cfg.prompts_per_step)   # the same on every process
@@ -1206,8 +1209,8 @@ def accuracy_metrics(run: Run, step: int, progress=None) -> tuple[dict, list]:
     per_problem = runtime.gather(list(per_problem.values()))
     mean = lambda key: float(np.mean([record[key] for record in per_problem]))
     return {"greedy_accuracy": mean("greedy_correct"),
-            **{f"pass@{k}": float(np.mean([pass_at_k(n, record["correct"], k) for record in per_problem]))   # k = 1, 2, 4, ... n
-               for k in sorted({2 ** i for i in range(n.bit_length())} | {n, cfg.pass_k})},
+            **{f"pass@{k}": float(np.mean([pass_at_k(n, record["correct"], k) for record in per_problem]))
+               for k in sorted({2 ** i for i in range(n.bit_length())} | {n, cfg.pass_k})},   # k = 1, 2, 4, ... n
             "distinct_per_prompt": mean("distinct"), "distinct_correct_per_prompt": mean("distinct_correct"),
             "distinct_2": mean("distinct_2"), "greedy_length_mean": mean("greedy_length"),
             "sample_length_mean": mean("sample_length"), "samples_per_prompt": n}, per_problem
@@ -1561,7 +1564,8 @@ def save_checkpoint(run: Run, step: int) -> str:
         kept = f"the previous checkpoint {final} is intact" if os.path.isdir(final) else "no checkpoint was saved"
         needed, free = checkpoint_bytes(run), shutil.disk_usage(run.cfg.output_dir).free
         if getattr(error, "errno", None) == errno.ENOSPC or free < needed:
-            error = f"the disk is full: the checkpoint needs about {needed / 2**20:.0f} MiB, {free / 2**20:.0f} MiB free"
+            error = (f"the disk is full: the checkpoint needs about {needed / 2**20:.0f} MiB, "
+                     f"{free / 2**20:.0f} MiB free")
         raise OSError(f"could not write the step-{step} checkpoint ({error}); {kept}") from None
     if os.path.isdir(final):
         shutil.rmtree(previous, ignore_errors=True)
@@ -1813,6 +1817,7 @@ def main(argv: Optional[list] = None, study: Optional[Study] = None) -> None:
     import transformers
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("math_verify").setLevel(logging.ERROR)   # its own time limit is off: symbols_equal sets one
     try:
         train(config_from_argv(argv), study)
     except UsageError as error:      # argparse's convention: a usage error exits with 2

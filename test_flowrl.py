@@ -2645,3 +2645,13 @@ def test_the_trl_example_trains_the_head_saves_it_and_a_resume_continues_with_it
     for (name, a), (_, b) in zip(straight.model.named_parameters(), resumed.model.named_parameters()):
         assert torch.equal(a, b), name
     assert "log_z_head.mlp.8.weight" in load_file(str(tmp_path / "resumed" / "model.safetensors"))
+
+
+def test_flowrl_loss_refuses_a_log_z_or_r_hat_that_would_broadcast():
+    """[B, 1] (what an MLP head gives before a squeeze) against [B] would make the residual [B, B]: refused."""
+    t = torch.zeros(3, 2)
+    terms = dict(ref_logprobs=t, old_logprobs=t, completion_mask=torch.ones(3, 2))
+    flowrl_loss(t, log_z=torch.zeros(3), reward_hat=torch.zeros(3), **terms)
+    for log_z, reward_hat in ((torch.zeros(3, 1), torch.zeros(3)), (torch.zeros(3), torch.zeros(3, 1))):
+        with pytest.raises(ValueError, match="must be"):
+            flowrl_loss(t, log_z=log_z, reward_hat=reward_hat, **terms)

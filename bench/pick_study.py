@@ -17,6 +17,8 @@ each a mean over questions with its 95% interval (`..._ci95`):
 - exact (pick task), from each correct answer's scored log-prob (`exact_questions`): `exact_entropy`,
   `exact_kl_to_step0` and `ratio_spread`, the sd of log pi_theta / pi_ref over a question's correct answers, 0 at
   Eq. 2's target p* ~ pi_ref exp(beta r), which keeps pi_ref's preferences among answers of equal reward;
+- Eq. 3's fixed point on the sampled questions, from pi_ref's step-0 validity p: p*'s `target_validity`,
+  e^beta p / (e^beta p + 1 - p), and `target_log_z`, log(1 + (e^beta - 1) p); beside them `log_z`, the head's;
 - `histogram`: one training question's answers, printed at the first and the last evaluation; `answer_samples`.
 After every training step, what FlowRL's loss did (`loss_metrics`: the residual split into what log Z should absorb
 and what only the policy can remove, and the slope of Eq. 6's log-ratio on beta r_hat, 0 before the policy moves
@@ -71,15 +73,16 @@ def smoothed_kl(p_counts: dict, q_counts: dict, alpha: float = 0.5) -> Optional[
     return sum(p[answer] * math.log(p[answer] / ((q_counts.get(answer, 0) + alpha) / q_total)) for answer in support)
 
 
-def ratio_spread(logprobs: dict, ref_logprobs: dict) -> float:
-    """The standard deviation, over a prompt's correct answers, of log pi_theta(y|x) - log pi_ref(y|x).
+def ratio_spread(logprobs: dict, step0_logprobs: dict) -> float:
+    """The standard deviation, over a prompt's correct answers, of log pi_theta(y|x) - log pi_0(y|x), pi_0 the
+    step-0 policy (pi_ref, as the policy scores it).
 
     >>> ratio_spread({"3": -1.0, "7": -2.0}, {"3": -1.5, "7": -2.5})    # both answers moved by +0.5: kept
     0.0
     >>> ratio_spread({"3": -1.0, "7": -3.0}, {"3": -2.0, "7": -2.0})    # "3" up by 1, "7" down by 1
     1.0
     """
-    return float(np.std([logprobs[answer] - ref_logprobs[answer] for answer in logprobs]))
+    return float(np.std([logprobs[answer] - step0_logprobs[answer] for answer in logprobs]))
 
 
 def answer_entropy(logprobs: dict) -> float:
@@ -94,18 +97,18 @@ def answer_entropy(logprobs: dict) -> float:
     return float(-(log_p.exp() * log_p).sum()) + 0.0      # + 0.0: one answer gives 0.0, not -0.0
 
 
-def answer_kl(logprobs: dict, ref_logprobs: dict) -> float:
-    """KL(policy || pi_ref) between their distributions over a prompt's correct answers, exact, each renormalised
-    over those answers: 0 when every correct answer has the same log-ratio log pi_theta / pi_ref.
+def answer_kl(logprobs: dict, step0_logprobs: dict) -> float:
+    """KL(policy || step-0 policy) between their distributions over a prompt's correct answers, exact, each
+    renormalised over those answers: 0 when every correct answer has the same log-ratio log pi_theta / pi_0.
 
     >>> answer_kl({"3": -1.0, "7": -2.0}, {"3": -1.5, "7": -2.5})    # both moved by +0.5: pi_ref's preferences kept
     0.0
     >>> round(answer_kl({"3": -0.1, "7": -5.0}, {"3": -1.0, "7": -1.0}), 2)
     0.65
     """
-    answers = list(ref_logprobs)
+    answers = list(step0_logprobs)
     log_p = torch.tensor([logprobs[a] for a in answers], dtype=torch.float64).log_softmax(0)
-    log_q = torch.tensor([ref_logprobs[a] for a in answers], dtype=torch.float64).log_softmax(0)
+    log_q = torch.tensor([step0_logprobs[a] for a in answers], dtype=torch.float64).log_softmax(0)
     return float((log_p.exp() * (log_p - log_q)).sum())
 
 
@@ -138,14 +141,54 @@ def distribution_metrics(counted: list[dict], step0_counted: list[dict], prefix:
             f"{prefix}_kl_prompts": len(kls), f"{prefix}_sampled_questions": len(counted)}
 
 
-def exact_metrics(logprobs: list[dict], ref_logprobs: list[dict], prefix: str) -> dict:
+def exact_metrics(logprobs: list[dict], step0_logprobs: list[dict], prefix: str) -> dict:
     """The exact measures (pick task), means over questions with their 95% intervals: the ratio spread, and the
-    entropy of the correct-answer distribution and its KL to pi_ref's, from scored log-probs."""
-    pairs = list(zip(logprobs, ref_logprobs))
+    entropy of the correct-answer distribution and its KL to the step-0 policy's, from scored log-probs."""
+    pairs = list(zip(logprobs, step0_logprobs))
     return {**with_intervals({"ratio_spread": [ratio_spread(now, then) for now, then in pairs],
                               "exact_entropy": [answer_entropy(now) for now in logprobs],
                               "exact_kl_to_step0": [answer_kl(now, then) for now, then in pairs]}, prefix),
             f"{prefix}_exact_questions": len(pairs)}
+
+
+def eq3_target(validity: float, beta: float) -> tuple[float, float]:
+    """Eq. 3's target p* = pi_ref exp(beta r) / Z with a 0/1 reward, on a question pi_ref answers correctly with
+    probability `validity` (p): p*'s validity e^beta p / (e^beta p + 1 - p), and log Z = log(1 + (e^beta - 1) p),
+    the value Eq. 6's head reaches at that fixed point when the loss sees r itself and no 1/|y|.
+
+    >>> [round(x, 3) for x in eq3_target(0.16, 5.0)]
+    [0.966, 3.202]
+    """
+    log_z = math.log1p(math.expm1(beta) * validity)
+    return math.exp(beta + math.log(validity) - log_z) if validity > 0 else 0.0, log_z
+
+
+def target_metrics(step0_counted: list[dict], beta: float, prefix: str) -> dict:
+    """Eq. 3's target on the sampled probe questions, from pi_ref's validity there (the step-0 samples): the mean
+    validity and log Z of p*, with their 95% intervals."""
+    n = sum(step0_counted[0]["answers"].values())
+    targets = [eq3_target(sum(c["correct"].values()) / n, beta) for c in step0_counted]
+    return with_intervals({"target_validity": [t[0] for t in targets], "target_log_z": [t[1] for t in targets]},
+                          prefix)
+
+
+@torch.no_grad()
+def head_log_z(run: Run, problems: list[Problem]) -> Optional[list[float]]:
+    """The log Z head's value on each problem's prompt (without dropout), or None without a head."""
+    if run.log_z_head is None:
+        return None
+    encoded = run.tokenizer([flowrl.format_prompt(run.tokenizer, p.question) for p in problems], return_tensors="pt",
+                            padding=True, add_special_tokens=False).to(run.runtime.device)
+    was_training = run.log_z_head.training
+    run.log_z_head.eval()
+    try:
+        with run.runtime.autocast():
+            hidden = run.policy(input_ids=encoded.input_ids, attention_mask=encoded.attention_mask,
+                                position_ids=flowrl.position_ids_from_mask(encoded.attention_mask),
+                                output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+            return run.log_z_head(hidden, encoded.attention_mask).float().tolist()
+    finally:
+        run.log_z_head.train(was_training)
 
 
 def sample_answers(run: Run, problems: list[Problem], indices: list[int], samples: int, seed_key: tuple,
@@ -352,13 +395,18 @@ class PickStudy(flowrl.Study):
         for name, problems in probes.items():
             counted = answers_of(problems, (run.cfg.seed, step, f"answers/{name}"))
             metrics.update(distribution_metrics(counted, self.step0_answers["answers"][name], name))
-            logprobs, ref_logprobs = logprobs_of(problems), self.step0_answers["logprobs"][name]
+            metrics.update(target_metrics(self.step0_answers["answers"][name], run.cfg.beta, name))
+            log_z = head_log_z(run, problems[:len(counted)])
+            if log_z is not None:
+                metrics.update(with_intervals({"log_z": log_z}, name))
+            logprobs, step0_logprobs = logprobs_of(problems), self.step0_answers["logprobs"][name]
             if exact(run):
-                metrics.update(exact_metrics(logprobs, ref_logprobs, name))
+                metrics.update(exact_metrics(logprobs, step0_logprobs, name))
             if name == "train":
                 metrics["histogram"] = {"question": problems[0].question, **counted[0]}
                 if exact(run):
-                    metrics["histogram"]["log_ratio"] = {a: logprobs[0][a] - ref_logprobs[0][a] for a in logprobs[0]}
+                    metrics["histogram"]["log_ratio"] = {a: logprobs[0][a] - step0_logprobs[0][a]
+                                                         for a in logprobs[0]}
         progress.close()
         if runtime.is_main and metrics.get("histogram") and step in (0, run.cfg.steps):
             print_histogram(metrics["histogram"], run.cfg.temperature, step)

@@ -1,30 +1,36 @@
 """FlowRL in TRL: `FlowRLTrainer` is TRL's `GRPOTrainer` with Eq. 6 in place of GRPO's loss, so that a GRPOTrainer
-script switches to FlowRL in one line and keeps what TRL brings: vLLM rollouts, accelerate with DeepSpeed or FSDP
+script switches to FlowRL by two names and keeps what TRL brings: vLLM rollouts, accelerate with DeepSpeed or FSDP
 across GPUs and nodes, `report_to` tracking.
 
+    from trl_flowrl import FlowRLConfig, FlowRLTrainer     # this file, beside your script or on sys.path
     trainer = FlowRLTrainer(model=..., reward_funcs=..., args=FlowRLConfig(output_dir=...), train_dataset=...)
 
     python examples/trl_flowrl.py --model SmolLM2-135M-Instruct --output-dir runs/trl-flowrl --max-steps 36
 
-The loss is flowrl.py's section 1, imported: `flowrl_loss` (Eq. 6), `LogZHead` (log Z_phi(x)) and `reward_hat_of`
-(Eq. 5's `group_normalize`). What the trainer changes in TRL (trl==1.16.0, the version it is tested with: it
-overrides `_generate_and_score_completions`, `_compute_loss` and `create_optimizer`, which TRL may change):
+`beta` is FlowRL's reward scale in exp(beta r) (15, the paper's), not TRL's KL coefficient: a GRPOConfig's
+`beta=0.04` carried over would make FlowRL's target nearly flat. The loss is flowrl.py's section 1, imported:
+`flowrl_loss` (Eq. 6), `LogZHead` (log Z_phi(x)) and `reward_hat_of` (Eq. 5's `group_normalize`). Tested with
+trl==1.16.0: it overrides `_calculate_rewards`, `_generate_and_score_completions`, `_compute_loss` and
+`create_optimizer`, and hooks the model's backbone, all of which TRL may change. What it changes in TRL:
 - r_hat: Eq. 5 from each group's raw rewards, (r - mean) / (unbiased std + 1e-6) (TRL's advantages use 1e-4);
   `reward_normalization` "mean" or "none" as flowrl.py's flag.
 - log Z_phi(x): a `LogZHead` attached to the model as `model.log_z_head` (so DDP, FSDP and DeepSpeed see it, the
   optimiser updates it and every checkpoint TRL writes holds it in model.safetensors), fed the last-layer prompt
-  hidden states of the forward pass that scores the completion, once a prompt (one dropout mask a prompt, as
-  flowrl.py); its own learning rate, `log_z_lr`, as a param group of TRL's optimiser.
-- pi_ref's log-probs always: `beta` is FlowRL's (15) and, being non-zero, makes TRL load and run the reference
-  model; TRL's KL term is not computed. pi_old's where TRL keeps them (several optimiser steps a generation,
-  `steps_per_generation` > 1 or `num_iterations` > 1): w is Eq. 6's clipped sequence weight; else w = 1.
+  hidden states of the forward pass that scores the completions, once a distinct prompt of the pass (one dropout
+  mask a prompt there; TRL shuffles a generation's rows into its mini-batches, so a group may span two); its own
+  learning rate, `log_z_lr`, as a param group of TRL's optimiser.
+- pi_ref's log-probs always: `beta` being non-zero makes TRL load and run the reference model; TRL's KL term is
+  not computed. pi_old's where TRL keeps them (several optimiser steps a generation, `steps_per_generation` > 1
+  or `num_iterations` > 1): w is Eq. 6's clipped sequence weight; else w = 1.
 - rollouts from exactly softmax(logits / T): FlowRLConfig refuses top-k, top-p < 1, min-p and a repetition
   penalty, and TRL passes its own settings to `generate` and vLLM, whatever the model's generation_config says;
-  log-probs at the same T (TRL's fused LM head). With vLLM, w is against pi_old as the trainer recomputes it:
-  TRL's vLLM importance-sampling correction is not applied.
+  log-probs at the same T (TRL scores completions through its own chunked LM head, at the sampling temperature).
+  With vLLM, w is against pi_old as the trainer recomputes it: TRL's vLLM importance-sampling correction is not
+  applied.
 - TRL's logs gain `log_z_mean`, `residual_mean`, `weight_mean` and `weight_clipped_frac`.
-Not covered: PEFT saves only its adapter, so a resumed PEFT run starts a new head; `loss_type`, `scale_rewards`,
-entropy bonuses and masks and TRL's KL settings do not apply.
+Not covered: PEFT saves only its adapter, so a resumed PEFT run starts a new head; FlowRLConfig refuses the loss
+settings of GRPO that Eq. 6 has no place for (entropy bonus and masks, off-policy masks, `delta`), and `loss_type`,
+`scale_rewards` and `importance_sampling_level` are not used.
 """
 from __future__ import annotations
 
@@ -61,6 +67,10 @@ class FlowRLConfig(trl.GRPOConfig):
             problems.append(f"beta {self.beta}: FlowRL's reward scale must be > 0")
         if self.epsilon_high is not None and self.epsilon_high != self.epsilon:
             problems.append(f"epsilon_high {self.epsilon_high}: Eq. 6 clips w to [1 - epsilon, 1 + epsilon]")
+        unused = {"entropy_coef": self.entropy_coef != 0, "use_adaptive_entropy": self.use_adaptive_entropy,
+                  "top_entropy_quantile": self.top_entropy_quantile != 1.0, "delta": self.delta is not None,
+                  "off_policy_mask_threshold": self.off_policy_mask_threshold is not None}
+        problems += [f"{key}: GRPO's, Eq. 6 has no place for it" for key, set_ in unused.items() if set_]
         if self.reward_normalization not in ("std", "mean", "none"):
             problems.append(f"reward_normalization {self.reward_normalization!r}: must be std, mean or none")
         sampling = {"top_p": self.top_p != 1.0, "top_k": self.top_k not in (0, None), "min_p": self.min_p is not None,
@@ -226,7 +236,8 @@ def main(argv=None) -> FlowRLTrainer:
         per_device_train_batch_size=rows_per_update, steps_per_generation=args.updates_per_batch,
         num_generations=args.group_size, max_completion_length=args.max_new_tokens,
         model_init_kwargs={"dtype": "float32", "use_kernels": False}, bf16=precision == "bf16",
-        use_cpu=not torch.cuda.is_available(), gradient_checkpointing=False, save_strategy="steps", save_steps=max(1, args.max_steps // 2),
+        use_cpu=not torch.cuda.is_available(), gradient_checkpointing=False, save_strategy="steps",
+        save_steps=max(1, args.max_steps // 2),
         logging_steps=1, report_to="none", disable_tqdm=False, dataloader_num_workers=0)
     trainer = FlowRLTrainer(model=folder, reward_funcs=math_reward, args=config,
                             train_dataset=dataset_of(train_problems, tokenizer), processing_class=tokenizer)
