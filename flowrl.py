@@ -1661,10 +1661,10 @@ class Config:
     algo: str = option("flowrl", "flowrl (Eq. 6) or grpo (Eq. 1, the baseline)")
     seed: int = option(0, "seed for sampling prompts, rollouts and the log Z init")
     # rollouts
-    steps: int = option(18, "training steps, one rollout batch each; 0: evaluate --model once, train nothing")
+    steps: int = option(10, "training steps, one rollout batch each; 0: evaluate --model once, train nothing")
     prompts_per_step: int = option(4, "prompts per rollout batch (paper: 512)")
     group_size: int = option(8, "completions sampled per prompt, G (paper: 8)")
-    max_new_tokens: int = option(24, "max response tokens (paper: 8192)")
+    max_new_tokens: int = option(16, "max response tokens (paper: 8192)")
     temperature: float = option(1.0, "pi_theta's temperature: rollouts and every log-prob of the loss (paper: 1.0)")
     explore_temperature: Optional[float] = option(None, "training rollouts at this T (log-probs at --temperature)")
     # FlowRL / GRPO
