@@ -1156,9 +1156,13 @@ def distinct_n(token_sequences: list, n: int = 2) -> float:
     return len(set(ngrams)) / len(ngrams) if ngrams else 0.0
 
 
+EVAL_ROWS = 64     # rows an evaluation decodes at once at least: a decode step reads every weight, whatever the rows
+
+
 def problems_per_call(n: int, cfg: Config) -> int:
-    """Evaluation samples n completions of as many problems at once as make one training batch (at least one)."""
-    return max(1, cfg.prompts_per_step * cfg.group_size // n)
+    """Evaluation samples n completions of as many problems at once as make one training batch, or EVAL_ROWS rows if
+    that is more (at least one problem)."""
+    return max(1, max(cfg.prompts_per_step * cfg.group_size, EVAL_ROWS) // n)
 
 
 @torch.no_grad()
@@ -1683,7 +1687,7 @@ class Config:
     warmup_steps: int = option(0, "linear lr warm-up steps (paper: 10)")
     max_grad_norm: float = option(1.0, "gradient clipping (paper: 1.0)")
     updates_per_batch: int = option(2, "updates (mini-batches of whole groups) per rollout batch (paper: 16)")
-    micro_batch_size: int = option(8, "sequences per forward pass (a group shares its prompt's pass): peak memory")
+    micro_batch_size: int = option(16, "sequences per forward pass (a group shares its prompt's pass): peak memory")
     gradient_checkpointing: bool = option(False, "trade compute for memory (GPU)")
     precision: str = option("auto", "bf16 (autocast), fp32, or auto: bf16 where the GPU or CPU has it natively")
     # data
