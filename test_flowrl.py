@@ -2392,7 +2392,7 @@ def test_the_study_runs_under_two_processes_and_resumes(tiny_model_dir, tmp_path
 
 
 def test_resuming_a_checkpoint_without_step0_answers_says_what_it_compares_with(tiny_model_dir, tmp_path, capsys):
-    cfg = tiny_config(tiny_model_dir, tmp_path / "run", steps=1, task="pick", max_new_tokens=3, eval_size=50)
+    cfg = tiny_config(tiny_model_dir, tmp_path / "run", steps=1, task="pick", max_new_tokens=3, eval_size=10)
     flowrl.train(cfg, pick_study.PickStudy(2, 4))
     state_path = os.path.join(cfg.output_dir, "checkpoint", "trainer_state.pt")
     state = torch.load(state_path, weights_only=True)
@@ -2409,7 +2409,7 @@ def test_resuming_a_checkpoint_without_step0_answers_says_what_it_compares_with(
     torch.save(state, state_path)
     pick_study.main(["--resume", cfg.output_dir, "--steps", "4"])
     assert "holds no step-0 answer distribution of these questions" in capsys.readouterr().out
-    assert read_metrics(cfg.output_dir)[-1]["held_out_exact_questions"] == 50
+    assert read_metrics(cfg.output_dir)[-1]["held_out_exact_questions"] == 10
 
 
 # ------------------------------------------------------------------------------------------------------

