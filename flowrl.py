@@ -56,6 +56,7 @@ import dataclasses
 import datetime
 import errno
 import fcntl
+import functools
 import importlib.util
 import io
 import itertools
@@ -1405,6 +1406,14 @@ def model_sources(name: str) -> list[tuple[str, Optional[str]]]:
     return sources + [(prefix + name if "/" not in name else name, None)]
 
 
+def build_gguf_name_maps_once() -> None:
+    """transformers builds gguf's tensor-name map afresh for each of a GGUF file's tensors (seconds for SmolLM2);
+    the map depends only on the architecture and the layer count, so it is built once a pair."""
+    import gguf
+    if not hasattr(gguf.get_tensor_name_map, "cache_info"):
+        gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(gguf.get_tensor_name_map)
+
+
 def load_model_and_tokenizer(name: str):
     """(model in float32, tokenizer with left padding). Exits with one clear message if nothing loads."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -1412,6 +1421,8 @@ def load_model_and_tokenizer(name: str):
     for source, gguf_file in model_sources(name):
         if os.path.isdir(source) and not gguf_file:
             check_folder_files(source)            # a damaged file: one line naming it, not transformers' traceback
+        if gguf_file:
+            build_gguf_name_maps_once()
         kwargs = {"gguf_file": gguf_file} if gguf_file else {}
         if not os.path.isdir(source) and not hub_reachable():
             kwargs["local_files_only"] = True    # the local cache only, at once (the hub client retries for a minute)

@@ -63,7 +63,7 @@ def tiny(tiny_model_dir):
 
 def tiny_config(tiny_model_dir, output_dir, **overrides):
     settings = dict(model=tiny_model_dir, output_dir=str(output_dir), steps=2, prompts_per_step=2, group_size=4,
-                    max_new_tokens=6, micro_batch_size=3, operations="+", min_operand=0, max_operand=3,
+                    updates_per_batch=2, max_new_tokens=6, micro_batch_size=3, operations="+", min_operand=0, max_operand=3,
                     eval_size=4, eval_samples=2, pass_k=2, show_examples=0, lr=1e-3, save_every=1)
     settings.update(overrides)
     return Config(**settings)
@@ -1690,7 +1690,8 @@ def test_two_processes_train_log_save_and_resume_through_the_cli(tiny_model_dir,
     and saves), and a resumed run continues the saved one."""
     output_dir = str(tmp_path / "ddp")
     flags = ["--model", tiny_model_dir, "--output-dir", output_dir, "--prompts-per-step", "4", "--group-size", "4",
-             "--max-new-tokens", "6", "--micro-batch-size", "4", "--operations", "+", "--max-operand", "3",
+             "--updates-per-batch", "2", "--max-new-tokens", "6", "--micro-batch-size", "4", "--operations", "+",
+             "--max-operand", "3",
              "--eval-size", "4", "--eval-samples", "2", "--pass-k", "2", "--show-examples", "0", "--lr", "1e-3",
              "--log-rollouts"]
     torch.multiprocessing.spawn(distributed_main_worker, nprocs=2, args=(2, free_port(), flags + ["--steps", "2"]))
