@@ -9,6 +9,7 @@ import pathlib
 import pickle
 import re
 import shutil
+import subprocess
 import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be downloaded during the tests
@@ -1865,7 +1866,6 @@ def test_a_save_is_flushed_to_disk_before_it_is_renamed_into_place(tiny_model_di
 
 def run_flowrl(argv):
     """flowrl.py in a process of its own: (exit status, stderr)."""
-    import subprocess
     import sys
     done = subprocess.run([sys.executable, flowrl.__file__, *argv], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONWARNINGS": "ignore"})
@@ -1893,7 +1893,6 @@ def test_two_runs_started_at_once_into_one_folder_one_refuses(tiny_model_dir, tm
 
 def test_the_lock_of_a_killed_run_is_gone_with_it(finished_run, tmp_path, capsys):
     """A process that holds a run folder's lock refuses a resume into it; SIGKILLed, it leaves no lock behind."""
-    import subprocess
     import sys
     run = shutil.copytree(finished_run, tmp_path / "run")
     holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; d = os.open(sys.argv[1], "
@@ -2065,7 +2064,6 @@ def test_a_resumed_log_reads_as_one_run(tiny_model_dir, tmp_path, monkeypatch, c
 def test_an_unreachable_hub_fails_at_once_with_one_clear_error(tmp_path):
     """No network and a model that is not local (a hub name, a typo): one error line within seconds, not a
     minute of retries. The hub address is made unreachable so that the test means the same on any machine."""
-    import subprocess
     import sys
     import time
     environment = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
@@ -2419,7 +2417,6 @@ def test_resuming_a_checkpoint_without_step0_answers_says_what_it_compares_with(
 def test_the_gpu_benchmark_runs_each_part_and_sums_them_up(tiny_model_dir):
     """flowrl.py's part and the recipe's give their step, generation and training times, decode ms per token and
     peak memory; TRL's part says why it did not run; the summary is one JSON line."""
-    import subprocess
     done = subprocess.run([sys.executable, "bench/gpu_side_by_side.py", "--model", tiny_model_dir, "-P", "2", "-G",
                            "2", "-M", "4", "-S", "2", "--recipe", "2", "2", "6", "--recipe-steps", "2", "--skip-trl"],
                           cwd=os.path.dirname(os.path.abspath(flowrl.__file__)), capture_output=True, text=True,
@@ -2444,6 +2441,20 @@ def test_the_docstring_and_the_readme_name_the_same_departures():
     docstring = flowrl.__doc__.split("has the same points as a table:")[1].split("\n\n")[0]
     docstring_points = [line[2:].split(":")[0] for line in docstring.strip().splitlines() if line.startswith("- ")]
     assert len(readme_points) >= 10 and docstring_points == readme_points
+
+def test_importing_flowrl_changes_nothing_in_the_process():
+    """`import flowrl` (to use its loss in another trainer) leaves the environment, the root logger and torch's
+    thread count as they were: the OpenMP spin count is set only where a run starts (python flowrl.py)."""
+    code = ("import json, logging, os, torch; before = (dict(os.environ), logging.getLogger().level, "
+            "torch.get_num_threads()); import flowrl; "
+            "print(json.dumps(before == (dict(os.environ), logging.getLogger().level, torch.get_num_threads())), "
+            "json.dumps('GOMP_SPINCOUNT' in os.environ))")
+    env = {key: value for key, value in os.environ.items() if key != "GOMP_SPINCOUNT"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(flowrl.__file__), env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["true", "false"]
+
 
 
 @pytest.mark.parametrize("lr", [0.0, 1e-2])
@@ -2473,7 +2484,6 @@ def test_an_unchanged_policy_weighs_its_rollouts_exactly_1_in_bf16(tiny_model_di
 def small_filesystem(tmp_path):
     """A tmpfs of 1 MiB mounted at tmp_path / "small" (root, or a system that lets the test mount; else skipped);
     a function that resizes it is yielded with its path."""
-    import subprocess
     mount_point = tmp_path / "small"
     mount_point.mkdir()
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
