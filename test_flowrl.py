@@ -198,6 +198,9 @@ def test_docstring_examples_hold():
     assert result.attempted > 10 and result.failed == 0
     result = doctest.testmod(pick_study)
     assert result.attempted > 5 and result.failed == 0
+    import pick_curves  # bench/pick_curves.py: the study's tables and figures
+    result = doctest.testmod(pick_curves)
+    assert result.attempted >= 1 and result.failed == 0
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -429,10 +429,16 @@ def draw(runs: dict, path: str, only: list[str]) -> None:
 
 def label(setting: str) -> str:
     """A setting's name for a figure's legend, in words: "FlowRL beta 3, no 1/|y|, T 1.5" -> "FlowRL beta 3 without
-    Eq. 6's 1/|y|, rollouts at T 1.5"; Eq. 6 unchanged at another beta than the paper's 15 says so."""
+    Eq. 6's 1/|y|, rollouts at T 1.5"; Eq. 6 unchanged at another beta than the paper's 15 says so.
+
+    >>> label("FlowRL beta 15"), label("FlowRL beta 15, reward itself")
+    ("FlowRL beta 15 (the paper's setting)", "FlowRL beta 15, the reward itself for Eq. 5's r_hat")
+    """
     words = setting.replace(", no 1/|y|", " without Eq. 6's 1/|y|").replace(", no std", " without Eq. 5's std")
+    words = words.replace(", reward itself", ", the reward itself for Eq. 5's r_hat")
     words = re.sub(r", T ([\d.]+)", r", rollouts at T \1", words).replace("lr 0.0001", "lr 1e-4")
-    plain = words.startswith("FlowRL beta") and not any(change in words for change in ("without", "log Z", "skip"))
+    plain = words.startswith("FlowRL beta") and not any(change in words for change in ("without", "log Z", "skip",
+                                                                                        "reward itself"))
     return words + ((" (the paper's setting)" if words.startswith("FlowRL beta 15") else " (Eq. 6; the paper's "
                      "beta is 15)") if plain else "")
 
