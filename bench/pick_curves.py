@@ -502,7 +502,7 @@ def draw_bands(runs: dict, path: str, only: list[str], title: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("paths", nargs="+", help="run folders (with metrics.jsonl and config.json) or kept .json")
-    parser.add_argument("--save", help="keep the runs' curves in this .json (about 50 kB a run)")
+    parser.add_argument("--save", help="keep the runs' curves in this .json (about 60 kB a run)")
     parser.add_argument("--figure", help="draw the figure into this image file")
     parser.add_argument("--only", nargs="*", default=[], help="settings to draw (all by default)")
     parser.add_argument("--bands", help="draw the --only settings' seed means and ranges into this image file")
