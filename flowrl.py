@@ -26,6 +26,7 @@ workers/actor/dp_actor.py, `DataParallelPPOActor.compute_flowrl_objective`), one
 - log Z input: the mean last-layer hidden state over all prompt tokens; the official code drops the last token.
 - log Z dropout: one mask a prompt, shared by its G rows; the official code draws one a row (bench/README.md).
 - log Z gradient: not detached, as the official code: the loss also reaches the LM through Z's input.
+- log Z initialisation: the last layer zero, so log Z starts at 0; the official code's is PyTorch's default.
 - log Z learning rate: its own (`--log-z-lr`); the official code shares the policy's.
 - token log-probs: from logits / temperature, as the official code.
 - KL to pi_ref: only through Eq. 6, as both (the official code's KL loss is commented out).
@@ -182,6 +183,13 @@ class LogZHead(nn.Module):
             nn.Linear(hidden_size, hidden_size), nn.GELU(), nn.LayerNorm(hidden_size), nn.Dropout(dropout),
             nn.Linear(hidden_size, hidden_size), nn.GELU(), nn.LayerNorm(hidden_size), nn.Dropout(dropout),
             nn.Linear(hidden_size, 1))
+        # The last layer starts at zero, so log Z starts at 0: on the first batch pi_theta = pi_ref and Eq. 5's
+        # r_hat averages 0 over each group, so 0 zeroes the group's mean Eq. 6 residual. A random last layer
+        # starts log Z off by some nats, and Adam's first steps (each weight moves by about the learning rate,
+        # however small its gradient) swing it further; in groups whose rewards are all equal that error is
+        # the residual, and the policy is pushed by it alone. The official code keeps PyTorch's default.
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
 
     def forward(self, hidden_states: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
         # hidden_states [B, P, H], prompt_mask [B, P] (0 on left padding) -> log_z [B]

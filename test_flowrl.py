@@ -483,9 +483,37 @@ def test_completion_mask_with_several_eos_ids():
     assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 0, 0]]
 
 
+def random_log_z_head(hidden_size, **kwargs):
+    """A log Z head whose last layer is random, as PyTorch initialises it (flowrl's starts at zero, so its log Z
+    is 0 whatever the prompt, and a test of what the head does with its input would pass without it)."""
+    head = LogZHead(hidden_size, **kwargs)
+    head.mlp[-1].reset_parameters()
+    return head
+
+
+def test_a_new_log_z_head_starts_at_eq6s_fixed_point_on_the_first_batch(tiny):
+    """On the first batch pi_theta = pi_old = pi_ref and Eq. 5's r_hat averages 0 over each group, so log Z = 0
+    zeroes every group's mean residual: a new head says 0 for every prompt, and Eq. 6 gives it no gradient however
+    the rewards fall. A random last layer (PyTorch's default) starts off it."""
+    model, tokenizer = tiny
+    torch.manual_seed(0)
+    rollouts = flowrl.sample_completions(model, tokenizer, ["What is 1 + 2?", "Hi"], 4, max_new_tokens=5)
+    reward_hat = flowrl.reward_hat_of(torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0]), 4, "std")
+    for head, at_fixed_point in ((LogZHead(model.config.hidden_size), True),
+                                 (random_log_z_head(model.config.hidden_size), False)):
+        model.zero_grad()
+        logprobs, log_z = token_logprobs_and_log_z(model, rollouts.input_ids, rollouts.attention_mask,
+                                                   rollouts.prompt_length, 1.0, head, rows_per_pass=4)
+        loss, _ = flowrl_loss(logprobs, ref_logprobs=logprobs.detach(), old_logprobs=logprobs.detach(), log_z=log_z,
+                              reward_hat=reward_hat, completion_mask=rollouts.completion_mask)
+        largest = max(g.abs().max().item() for g in torch.autograd.grad(loss, list(head.parameters())))
+        assert (log_z.abs().max().item() == 0.0) == at_fixed_point
+        assert (largest < 1e-5) == at_fixed_point, largest
+
+
 def test_log_z_head_ignores_left_padding():
     torch.manual_seed(0)
-    head = LogZHead(16).eval()
+    head = random_log_z_head(16).eval()
     hidden = torch.randn(1, 4, 16)
     padded = torch.cat([torch.randn(1, 3, 16) * 100, hidden], dim=1)   # garbage under the padding
     out = head(hidden, torch.ones(1, 4))
@@ -496,7 +524,7 @@ def test_log_z_head_ignores_left_padding():
 def test_forward_pass_is_invariant_to_left_padding(tiny):
     """Same prompt + response, with and without left padding: same token log-probs and log Z."""
     model, tokenizer = tiny
-    head = LogZHead(model.config.hidden_size).eval()
+    head = random_log_z_head(model.config.hidden_size).eval()
     prompt = tokenizer("What is 2 + 3?", add_special_tokens=False).input_ids
     response = tokenizer(" 5", add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
     pad = tokenizer.pad_token_id
@@ -544,7 +572,7 @@ def test_shared_prompt_pass_equals_one_pass_per_row(tiny):
     torch.manual_seed(0)
     rollouts = flowrl.sample_completions(model, tokenizer, ["What is 1 + 2?", "Hi"], 3, max_new_tokens=5)
     assert (rollouts.attention_mask[:, :rollouts.prompt_length] == 0).any()   # one prompt is left-padded
-    head = LogZHead(model.config.hidden_size, dropout=0.0)
+    head = random_log_z_head(model.config.hidden_size, dropout=0.0)
     results = []
     for group_size in (3, 1):
         model.zero_grad()
@@ -1099,7 +1127,7 @@ def test_explored_rollouts_follow_the_explore_temperature_and_the_loss_scores_th
     ref_model = flowrl.copy.deepcopy(model).eval().requires_grad_(False)
     cfg = tiny_config(tiny_model_dir, tmp_path, algo=algo, temperature=0.7, explore_temperature=2.0, lr=0.0,
                       log_z_lr=0.0, weight_decay=0.0, updates_per_batch=2, micro_batch_size=4, max_new_tokens=5)
-    head = LogZHead(model.config.hidden_size) if algo == "flowrl" else None
+    head = random_log_z_head(model.config.hidden_size) if algo == "flowrl" else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.0, weight_decay=0.0)
     scores, sampled, loss_inputs = [], [], []
     draw, sample, loss_function = flowrl.sample_from_scores, flowrl.sample_completions, getattr(flowrl, f"{algo}_loss")
@@ -1306,7 +1334,7 @@ def test_log_z_draws_one_dropout_mask_a_prompt_whatever_path_the_pass_takes(tiny
     model, tokenizer = tiny
     torch.manual_seed(0)
     rollouts = flowrl.sample_completions(model, tokenizer, ["What is 1 + 2?", "Hi"], 4, max_new_tokens=5)
-    head = LogZHead(model.config.hidden_size).train()
+    head = random_log_z_head(model.config.hidden_size).train()
 
     def log_z(rows, rows_per_pass, checkpointing=False):
         monkeypatch.setattr(type(model), "is_activation_checkpointing", checkpointing, raising=False)
@@ -1368,7 +1396,7 @@ def test_log_probs_are_the_models_own_logits(architecture):
 @pytest.mark.parametrize("garbage", [float("nan"), float("inf")])
 def test_log_z_head_ignores_non_finite_values_under_padding(garbage):
     torch.manual_seed(0)
-    head = LogZHead(16).eval()
+    head = random_log_z_head(16).eval()
     hidden = torch.randn(1, 4, 16)
     padded = torch.cat([torch.full((1, 3, 16), garbage), hidden], dim=1)
     out = head(padded, torch.tensor([[0, 0, 0, 1, 1, 1, 1]]))
@@ -1466,7 +1494,7 @@ def update_setup(tiny_model_dir, algo="flowrl"):
     gradient's norm: the step IS minus the gradient, so a gradient off by a constant factor shows."""
     policy, _ = flowrl.load_model_and_tokenizer(tiny_model_dir)
     torch.manual_seed(0)
-    head = LogZHead(policy.config.hidden_size, dropout=0.0) if algo == "flowrl" else None
+    head = random_log_z_head(policy.config.hidden_size, dropout=0.0) if algo == "flowrl" else None
     optimizer = torch.optim.SGD(list(policy.parameters()) + (list(head.parameters()) if head else []), lr=1.0)
     cfg = Config(model=tiny_model_dir, algo=algo, group_size=4, micro_batch_size=4, updates_per_batch=1, beta=2.0,
                  max_grad_norm=1e9)
@@ -2593,6 +2621,7 @@ def test_the_trl_trainers_loss_and_gradients_are_flowrl_loss_on_independent_log_
     trainer = flowrl_trainer(example, tiny_model_dir, tmp_path, steps_per_generation=updates_per_generation,
                              per_device_train_batch_size=8 // updates_per_generation)
     model, head = trainer.model, trainer.log_z_head
+    head.mlp[-1].reset_parameters()     # random, as PyTorch's default: a new head's gradient is 0 below its last layer
     trainer.current_gradient_accumulation_steps = 1       # as train() sets it
     model.train()
     head.eval()                                          # no dropout: the two computations draw no masks
@@ -2658,7 +2687,7 @@ def test_the_trl_trainer_samples_from_softmax_over_temperature_whatever_the_gene
 
 
 def test_the_trl_example_trains_the_head_saves_it_and_a_resume_continues_with_it(tiny_model_dir, tmp_path):
-    """examples/trl_flowrl.py for 2 steps, offline: the head's weights change at each step and are in every
+    """examples/trl_flowrl.py for 2 steps, offline: the head learns at each step and its weights are in every
     checkpoint; a resume to step 3 ends with the weights of a straight 3-step run, head included (a resume with a
     new head or without the head's optimiser state would not)."""
     example = trl_flowrl()
@@ -2669,11 +2698,15 @@ def test_the_trl_example_trains_the_head_saves_it_and_a_resume_continues_with_it
     example.main([*flags, "--output-dir", str(tmp_path / "resumed"), "--max-steps", "2"])
     heads = [{k: v for k, v in load_file(str(tmp_path / "resumed" / f"checkpoint-{step}" / "model.safetensors"))
               .items() if k.startswith("log_z_head.")} for step in (1, 2)]
-    assert len(heads[0]) == 10 and all(not torch.equal(heads[0][k], heads[1][k]) for k in heads[0])
+    last_layer = ("log_z_head.mlp.8.weight", "log_z_head.mlp.8.bias")
+    assert len(heads[0]) == 10 and all(not torch.equal(heads[0][k], heads[1][k]) for k in last_layer)
     resumed = example.main([*flags, "--output-dir", str(tmp_path / "resumed"), "--max-steps", "3"])
     assert resumed.state.global_step == 3 and resumed.log_z_head.training
     for (name, a), (_, b) in zip(straight.model.named_parameters(), resumed.model.named_parameters()):
         assert torch.equal(a, b), name
+    # a new head's last layer is zero, so the layers below it learn once it has moved: by step 3 every one has
+    third = {name: p.detach() for name, p in straight.model.named_parameters() if name.startswith("log_z_head.")}
+    assert third.keys() == heads[1].keys() and all(not torch.equal(third[k], heads[1][k]) for k in third)
     assert "log_z_head.mlp.8.weight" in load_file(str(tmp_path / "resumed" / "model.safetensors"))
 
 
