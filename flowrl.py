@@ -171,7 +171,8 @@ def flowrl_loss(logprobs: torch.Tensor, *, ref_logprobs: torch.Tensor, old_logpr
 class LogZHead(nn.Module):
     """log Z_phi(x): the paper's "3-layer MLP" on the prompt's mean last-layer hidden state.
 
-    Layers as in the official code: 2 x [Linear(h, h) -> GELU -> LayerNorm(h) -> Dropout(0.1)], Linear(h, 1).
+    Layers as in the official code: 2 x [Linear(h, h) -> GELU -> LayerNorm(h) -> Dropout(0.1)], Linear(h, 1); the
+    last starts at zero (the official code's: PyTorch's default; README, "Differences").
     >>> head = LogZHead(8).eval()
     >>> head(torch.randn(2, 5, 8), torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])).shape
     torch.Size([2])
@@ -187,7 +188,7 @@ class LogZHead(nn.Module):
         # r_hat averages 0 over each group, so 0 zeroes the group's mean Eq. 6 residual. A random last layer
         # starts log Z off by some nats, and Adam's first steps (each weight moves by about the learning rate,
         # however small its gradient) swing it further; in groups whose rewards are all equal that error is
-        # the residual, and the policy is pushed by it alone. The official code keeps PyTorch's default.
+        # nearly the whole residual, and it alone pushes the policy.
         nn.init.zeros_(self.mlp[-1].weight)
         nn.init.zeros_(self.mlp[-1].bias)
 
